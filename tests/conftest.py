@@ -1,0 +1,37 @@
+"""Shared fixtures: the real-mini data folder (skipped cleanly when absent) and seeded RNGs."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_mini_path() -> Path:
+    """``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini`` beside the checkout."""
+    env = os.environ.get("CELLSEG_REAL_MINI")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "real-mini"
+
+
+@pytest.fixture(scope="session")
+def real_mini() -> Path:
+    root = real_mini_path()
+    if not (root / "manifest.csv").is_file():
+        pytest.skip(f"real-mini data not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_manifest(real_mini) -> list[dict]:
+    with open(real_mini / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
