@@ -30,7 +30,8 @@ def as_image(image, source: str | os.PathLike | None = "image") -> np.ndarray:
         )
     if image.size == 0 or image.shape[0] == 0 or image.shape[1] == 0:
         raise CellSegError(f"{where(source)}: the image has no pixels (shape {image.shape})")
-    if image.ndim == 3 and image.shape[2] > min(image.shape[:2]) and image.shape[0] <= 64:
+    # (C, H, W) with a few channels: a channel-first array, not an image with thousands of channels
+    if image.ndim == 3 and image.shape[0] <= 4 and image.shape[2] > 16:
         raise CellSegError(
             f"{where(source)}: shape {image.shape} looks channel-first or like a 3-D stack; "
             "images must be channel-last (H, W, C)"
