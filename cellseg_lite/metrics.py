@@ -1,0 +1,557 @@
+"""The NeurIPS 2022 Cell Segmentation Challenge's evaluation rule, computed by counting.
+
+Per image the challenge deletes every cell touching the outer 2-pixel frame (in
+ground truth and prediction separately), builds the IoU table of all cell pairs,
+matches cells one-to-one by linear assignment on the cost
+``-(IoU >= t) - IoU / (2 n_min)`` and scores F1 from the matched pairs with
+IoU >= t; images of 25,000,000 pixels or more are scored in 2000 x 2000 tiles.
+Reference: the challenge's evaluation script, ``baseline/compute_metric.py`` in
+github.com/JunMa11/NeurIPS-CellSeg (its matching comes from stardist/cellpose),
+and Ma et al., "The multimodality cell segmentation challenge: toward universal
+solutions", Nature Methods 2024.
+
+This module gives the same numbers without the dense ``n_true x n_pred`` table:
+one pass over the pixels finds the runs of equal (true, pred) ids in raster
+order, and every count is taken over those runs. A cell can reach IoU > 0.5
+with at most one other cell, so above 0.5 the pairs over the threshold are
+already the matching; the assignment is solved (sparsely, per connected group
+of overlapping cells) only where they are not one-to-one: exact ties at 0.5 and
+lower thresholds.
+
+>>> import numpy as np
+>>> y_true = np.zeros((32, 32), np.int32); y_true[8:16, 8:16] = 1
+>>> y_pred = np.roll(y_true, 2, axis=1)            # IoU 48 / 80 = 0.6
+>>> f1_score(y_true, y_pred)
+1.0
+>>> f1_score(y_true, y_pred, iou_threshold=0.7)
+0.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cellseg_lite._checks import as_labels
+from cellseg_lite._errors import CellSegError, where
+
+__all__ = [
+    "BOUNDARY_WIDTH",
+    "TILE_SIZE",
+    "TILE_THRESHOLD_PIXELS",
+    "FolderReport",
+    "ImageScore",
+    "Matching",
+    "evaluate_folder",
+    "f1_score",
+    "match",
+    "remove_boundary_cells",
+    "time_tolerance",
+]
+
+#: Width in pixels of the outer frame whose cells the challenge leaves out.
+BOUNDARY_WIDTH = 2
+#: Images with at least this many pixels are scored tile by tile.
+TILE_THRESHOLD_PIXELS = 25_000_000
+#: Side of the square tiles large images are cut into (after zero padding).
+TILE_SIZE = 2000
+
+#: File name endings of label images, as the challenge names them (``<stem>_label.tiff``).
+LABEL_SUFFIXES = ("_label.tiff", "_label.tif", "_label.png")
+
+
+class Matching(NamedTuple):
+    """Counts and scores of one image (or the sum over its tiles), as the challenge defines them.
+
+    ``precision = tp / n_pred``, ``recall = tp / n_true``, ``f1 = 2 tp / (n_true + n_pred)``
+    (the challenge writes ``2 P R / (P + R)``: the same number, here rounded once);
+    all three are 0 when ``tp == 0``, which includes an image with no cells at all
+    (the challenge's convention). ``mean_matched_iou`` is the mean IoU of the
+    true-positive pairs (0 when there are none).
+    """
+
+    iou_threshold: float
+    n_true: int
+    n_pred: int
+    tp: int
+    fp: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    mean_matched_iou: float
+
+    def __repr__(self) -> str:
+        return (
+            f"Matching(iou_threshold={self.iou_threshold:g}, n_true={self.n_true}, "
+            f"n_pred={self.n_pred}, tp={self.tp}, fp={self.fp}, fn={self.fn}, "
+            f"precision={self.precision:.4f}, recall={self.recall:.4f}, f1={self.f1:.4f}, "
+            f"mean_matched_iou={self.mean_matched_iou:.4f})"
+        )
+
+
+class ImageScore(NamedTuple):
+    """One row of a folder evaluation: the image's stem and its challenge counts and scores."""
+
+    stem: str
+    n_true: int
+    n_pred: int
+    tp: int
+    fp: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+
+
+class FolderReport(NamedTuple):
+    """A folder evaluation: per-image rows, their means (the challenge score is ``mean_f1``),
+    and the stems whose prediction file was missing (scored as empty predictions)."""
+
+    rows: tuple[ImageScore, ...]
+    n_images: int
+    mean_f1: float
+    mean_precision: float
+    mean_recall: float
+    missing: tuple[str, ...]
+    iou_threshold: float = 0.5
+
+    def __repr__(self) -> str:
+        return (
+            f"FolderReport(n_images={self.n_images}, mean_f1={self.mean_f1:.4f}, "
+            f"mean_precision={self.mean_precision:.4f}, mean_recall={self.mean_recall:.4f}, "
+            f"missing={self.missing!r}, iou_threshold={self.iou_threshold:g})"
+        )
+
+    def report(self) -> str:
+        """A few lines for a terminal: the mean scores and the missing predictions."""
+        lines = [
+            f"{self.n_images} images, IoU >= {self.iou_threshold:g}: mean F1 {self.mean_f1:.4f} "
+            f"(mean precision {self.mean_precision:.4f}, mean recall {self.mean_recall:.4f})"
+        ]
+        if self.missing:
+            lines.append(
+                f"{len(self.missing)} missing predictions, scored 0: " + ", ".join(self.missing)
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_threshold(iou_threshold) -> float:
+    """Return the IoU threshold as a float in (0, 1], or raise naming it."""
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
+        raise CellSegError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}")
+    value = float(iou_threshold)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise CellSegError(f"iou_threshold: must be in (0, 1], got {iou_threshold!r}")
+    return value
+
+
+def _check_count(value, name: str, *, minimum: int) -> int:
+    """Return ``value`` as an int >= ``minimum``, or raise naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CellSegError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise CellSegError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_pair(y_true, y_pred, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Check two label images (called ``names`` in messages) and that they share one grid."""
+    y_true = as_labels(y_true, names[0])
+    y_pred = as_labels(y_pred, names[1])
+    if y_true.shape != y_pred.shape:
+        raise CellSegError(
+            f"{names[1]}: shape {y_pred.shape} differs from {names[0]} shape {y_true.shape}"
+        )
+    return y_true, y_pred
+
+
+# --------------------------------------------------------------------------- boundary rule
+
+
+def _frame_ids(labels: np.ndarray, width: int, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Nonzero ids found in the outer ``width``-pixel frame of a ``frame_shape`` canvas.
+
+    ``labels`` is the top-left ``(h, w)`` corner of that canvas, the rest being
+    zero padding (the challenge's padded tiles); without padding the two shapes agree.
+    """
+    if width <= 0:
+        return np.zeros(0, labels.dtype)
+    canvas_h, canvas_w = frame_shape
+    h, w = labels.shape
+    strips = [labels[:width].ravel(), labels[:, :width].ravel()]
+    bottom, right = max(canvas_h - width, 0), max(canvas_w - width, 0)
+    if bottom < h:  # else the bottom frame lies in the padding
+        strips.append(labels[bottom:].ravel())
+    if right < w:
+        strips.append(labels[:, right:].ravel())
+    ids = np.unique(np.concatenate(strips))
+    return ids[ids > 0]
+
+
+def remove_boundary_cells(labels, width: int = BOUNDARY_WIDTH) -> np.ndarray:
+    """Delete every cell with a pixel in the outer ``width``-pixel frame, then relabel 1..n.
+
+    ``labels`` is ``(H, W)``; returns a new ``(H, W)`` int32 array. All pixels of a
+    touching id go, even disconnected ones, as in the challenge's script (which is
+    why this is not ``skimage.segmentation.clear_border``: that one relabels
+    connected components first).
+
+    >>> import numpy as np
+    >>> labels = np.zeros((8, 8), np.int32); labels[1, 3] = 5; labels[4, 4] = 9
+    >>> remove_boundary_cells(labels)[[1, 4], [3, 4]].tolist()
+    [0, 1]
+    """
+    from skimage.segmentation import relabel_sequential
+
+    labels = as_labels(labels, "labels")
+    width = _check_count(width, "width", minimum=0)
+    out = labels.copy()
+    ids = _frame_ids(labels, width, labels.shape)
+    if ids.size:
+        out[np.isin(labels, ids)] = 0
+    return relabel_sequential(out)[0].astype(np.int32, copy=False)
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _compact(
+    ids: np.ndarray, weights: np.ndarray, drop: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Number the ids of the runs 0..n-1 and sum the run lengths (``weights``) per id.
+
+    Background (0) and the ids in ``drop`` (boundary cells) get index -1. Returns
+    ``(index per run (int64), area per cell (float64 holding exact integers))``.
+    """
+    top = int(ids.max()) if ids.size else 0
+    if top <= 4 * ids.size + 4096:  # small ids: a lookup table by id beats sorting
+        area = np.bincount(ids, weights=weights, minlength=top + 1)
+        keep = area > 0
+        keep[0] = False
+        keep[drop] = False
+        index = ids
+    else:  # large ids: number the distinct ones
+        values, index = np.unique(ids, return_inverse=True)
+        area = np.bincount(index, weights=weights)
+        keep = (values != 0) & ~np.isin(values, drop)
+    lookup = np.cumsum(keep) - 1
+    lookup[~keep] = -1
+    return lookup[index], area[keep]
+
+
+def _pair_table(
+    y_true: np.ndarray, y_pred: np.ndarray, width: int, frame_shape: tuple[int, int]
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping (true, pred) cell pair, after the boundary rule.
+
+    Returns ``(n_true, n_pred, true_index, pred_index, iou)``: cells numbered
+    0..n-1 in increasing id order, one entry per pair sharing at least one pixel,
+    sorted by ``(true_index, pred_index)``; IoU in float64 as ``I / (A + B - I)``
+    on exact integer counts, like the challenge's script.
+    """
+    g = y_true.ravel()
+    p = y_pred.ravel()
+    n = g.size
+    # Runs of constant (true, pred) ids in raster order: every count below is a
+    # sum of run lengths, so the pixels are visited only here.
+    change = np.empty(n, dtype=bool)
+    change[0] = True
+    np.not_equal(g[1:], g[:-1], out=change[1:])
+    change[1:] |= p[1:] != p[:-1]
+    starts = np.flatnonzero(change)
+    lengths = np.diff(starts, append=n)
+    true_index, true_area = _compact(g[starts], lengths, _frame_ids(y_true, width, frame_shape))
+    pred_index, pred_area = _compact(p[starts], lengths, _frame_ids(y_pred, width, frame_shape))
+    n_true, n_pred = true_area.size, pred_area.size
+    if n_true == 0 or n_pred == 0:
+        empty = np.zeros(0, np.int64)
+        return n_true, n_pred, empty, empty, np.zeros(0)
+    both = (true_index >= 0) & (pred_index >= 0)
+    code = true_index[both] * n_pred + pred_index[both]
+    if n_true * n_pred <= 4 * code.size + 4096:
+        counts = np.bincount(code, weights=lengths[both], minlength=n_true * n_pred)
+        codes = np.flatnonzero(counts)
+        intersection = counts[codes]
+    else:
+        codes, inverse = np.unique(code, return_inverse=True)
+        intersection = np.bincount(inverse, weights=lengths[both])
+    pair_true, pair_pred = np.divmod(codes, n_pred)
+    iou = intersection / (true_area[pair_true] + pred_area[pair_pred] - intersection)
+    return n_true, n_pred, pair_true, pair_pred, iou
+
+
+def _true_positives(
+    n_true: int,
+    n_pred: int,
+    pair_true: np.ndarray,
+    pair_pred: np.ndarray,
+    iou: np.ndarray,
+    threshold: float,
+) -> tuple[int, float]:
+    """TP count and summed IoU of the matched pairs under the challenge's assignment.
+
+    The cost ``-(IoU >= t) - IoU / (2 n_min)`` first maximises the number of pairs
+    over the threshold, then the IoU. Cells that share no pixel cost nothing, so
+    the assignment splits over the connected components of the overlap graph. In a
+    component where no cell has two candidate partners (IoU >= t), the candidates
+    are the only matching of that size and so the optimum: this is every component
+    when t > 0.5, and all but exact ties (two halves at IoU 0.5) when t = 0.5. The
+    remaining components are solved exactly.
+    """
+    candidate = iou >= threshold
+    if not candidate.any():
+        return 0, 0.0
+    degree_true = np.bincount(pair_true[candidate], minlength=n_true)
+    degree_pred = np.bincount(pair_pred[candidate], minlength=n_pred)
+    if degree_true.max() == 1 and degree_pred.max() == 1:
+        return int(np.count_nonzero(candidate)), float(iou[candidate].sum())
+
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
+    n_cells = n_true + n_pred
+    overlap = coo_array(
+        (np.ones(iou.size, np.int8), (pair_true, n_true + pair_pred)), shape=(n_cells, n_cells)
+    )
+    _, component = connected_components(overlap, directed=False)
+    conflicted = np.zeros(component.max() + 1, dtype=bool)
+    conflicted[component[:n_true][degree_true > 1]] = True
+    conflicted[component[n_true:][degree_pred > 1]] = True
+    hard = conflicted[component[pair_true]]
+    easy = candidate & ~hard
+    tp, iou_sum = _assign(
+        pair_true[hard], pair_pred[hard], iou[hard], threshold, min(n_true, n_pred)
+    )
+    return int(np.count_nonzero(easy)) + tp, float(iou[easy].sum()) + iou_sum
+
+
+def _assign(
+    pair_true: np.ndarray, pair_pred: np.ndarray, iou: np.ndarray, threshold: float, n_min: int
+) -> tuple[int, float]:
+    """The challenge's linear assignment on a sparse IoU table: ``(TP, matched IoU sum)``.
+
+    Pairs absent from the table cost 0, like being left unmatched, so each true
+    cell gets a dummy partner of cost 0 and the sparse solver (LAPJVsp,
+    ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``) always finds a
+    full matching. Pairs must be sorted by ``(pair_true, pair_pred)``.
+    """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    _, row = np.unique(pair_true, return_inverse=True)
+    pred_ids, col = np.unique(pair_pred, return_inverse=True)
+    n_rows, n_cols = int(row.max()) + 1, pred_ids.size
+    shift = 2.0  # every weight positive: the solver would read explicit zeros as no edge
+    cost = shift - (iou >= threshold) - iou / (2 * n_min)
+    dummy = np.arange(n_rows)
+    graph = csr_array(
+        (
+            np.concatenate([cost, np.full(n_rows, shift)]),
+            (np.concatenate([row, dummy]), np.concatenate([col, n_cols + dummy])),
+        ),
+        shape=(n_rows, n_cols + n_rows),
+    )
+    rows, cols = min_weight_full_bipartite_matching(graph)
+    real = cols < n_cols
+    # (row, col) codes are sorted like the pairs: find each matched pair by its code
+    position = np.searchsorted(row * n_cols + col, rows[real] * n_cols + cols[real])
+    matched = iou[position]
+    matched = matched[matched >= threshold]
+    return int(matched.size), float(matched.sum())
+
+
+def _score_tile(
+    y_true: np.ndarray, y_pred: np.ndarray, threshold: float, width: int, frame_shape
+) -> tuple[int, int, int, float]:
+    """``(n_true, n_pred, tp, matched IoU sum)`` of one image or one tile."""
+    n_true, n_pred, pair_true, pair_pred, iou = _pair_table(y_true, y_pred, width, frame_shape)
+    tp, iou_sum = _true_positives(n_true, n_pred, pair_true, pair_pred, iou, threshold)
+    return n_true, n_pred, tp, iou_sum
+
+
+def _matching(threshold: float, n_true: int, n_pred: int, tp: int, iou_sum: float) -> Matching:
+    """Scores from counts; 0 when ``tp == 0`` (the challenge's convention)."""
+    if tp == 0:
+        precision = recall = f1 = mean_iou = 0.0
+    else:
+        precision, recall = tp / n_pred, tp / n_true
+        f1 = 2 * tp / (n_true + n_pred)  # = 2PR / (P + R), rounded once
+        mean_iou = iou_sum / tp
+    return Matching(
+        threshold, n_true, n_pred, tp, n_pred - tp, n_true - tp, precision, recall, f1, mean_iou
+    )
+
+
+def match(y_true, y_pred, iou_threshold: float = 0.5, *, drop_boundary: bool = True) -> Matching:
+    """Match the cells of two ``(H, W)`` label images by the challenge's rule and score them.
+
+    With ``drop_boundary`` (the challenge's setting) cells touching the outer
+    2-pixel frame are left out of ground truth and prediction separately; turn it
+    off to compare with tools that count every cell (``stardist.matching.matching``
+    gives the same TP and F1 then, except for a pair whose IoU equals the threshold
+    exactly, e.g. 14/20 at 0.7: IoU is float64 here as in the challenge's script,
+    float32 in stardist). Images of ``TILE_THRESHOLD_PIXELS`` or more are
+    zero-padded to multiples of ``TILE_SIZE`` and scored tile by tile, with or
+    without ``drop_boundary`` (the boundary rule then applies to each tile's
+    frame), counts summed over tiles.
+
+    >>> import numpy as np
+    >>> y_true = np.zeros((20, 20), np.int32); y_true[5:15, 5:15] = 1
+    >>> y_pred = y_true.copy(); y_pred[5:15, 10:15] = 2      # one cell split in two halves
+    >>> match(y_true, y_pred)
+    Matching(iou_threshold=0.5, n_true=1, n_pred=2, tp=1, fp=1, fn=0, precision=0.5000, recall=1.0000, f1=0.6667, mean_matched_iou=0.5000)
+    """
+    return _match(y_true, y_pred, iou_threshold, drop_boundary, ("y_true", "y_pred"))
+
+
+def _match(y_true, y_pred, iou_threshold, drop_boundary: bool, names: tuple[str, str]) -> Matching:
+    """:func:`match`, with the argument names its messages should use."""
+    y_true, y_pred = _check_pair(y_true, y_pred, names)
+    threshold = _check_threshold(iou_threshold)
+    frame = BOUNDARY_WIDTH if drop_boundary else 0
+    n_rows, n_cols = y_true.shape
+    if n_rows * n_cols < TILE_THRESHOLD_PIXELS:
+        counts = _score_tile(y_true, y_pred, threshold, frame, y_true.shape)
+        return _matching(threshold, *counts)
+    tile = TILE_SIZE
+    total = [0, 0, 0, 0.0]
+    for top in range(0, n_rows, tile):
+        for left in range(0, n_cols, tile):
+            window = np.s_[top : top + tile, left : left + tile]
+            counts = _score_tile(y_true[window], y_pred[window], threshold, frame, (tile, tile))
+            total = [a + b for a, b in zip(total, counts, strict=True)]
+    return _matching(threshold, *total)
+
+
+def f1_score(gt, pred, iou_threshold: float = 0.5, drop_boundary: bool = True) -> float:
+    """The challenge's F1 of one image: ``gt`` and ``pred`` are ``(H, W)`` label images.
+
+    Same rule as :func:`match`; 0.0 when no pair matches, including an image with
+    no cells in either.
+    """
+    return _match(gt, pred, iou_threshold, drop_boundary, ("gt", "pred")).f1
+
+
+def time_tolerance(height: int, width: int) -> float:
+    """Seconds the challenge allowed for segmenting one ``height x width`` image.
+
+    10 s up to 1,000,000 pixels, 10 s per million pixels above.
+
+    >>> time_tolerance(1000, 1000), time_tolerance(2000, 3000)
+    (10.0, 60.0)
+    """
+    pixels = _check_count(height, "height", minimum=1) * _check_count(width, "width", minimum=1)
+    return 10.0 if pixels <= 1_000_000 else 10.0 * pixels / 1e6
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    """``{stem: path}`` of the ``<stem>_label.(tiff|tif|png)`` files in ``folder``."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        lower = path.name.lower()
+        suffix = next((s for s in LABEL_SUFFIXES if lower.endswith(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        stem = path.name[: -len(suffix)]
+        if stem in files:
+            raise CellSegError(
+                f"{where(path)}: a second label file for image '{stem}' "
+                f"(also {files[stem].name}); keep one"
+            )
+        files[stem] = path
+    return files
+
+
+def _write_csv(path: Path, rows: tuple[ImageScore, ...]) -> None:
+    """Write the per-image rows to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(ImageScore._fields)
+            writer.writerows(rows)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def evaluate_folder(
+    gt_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike,
+    csv_path: str | os.PathLike | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    drop_boundary: bool = True,
+) -> FolderReport:
+    """Score every ``<stem>_label.tiff`` of ``gt_dir`` against the same name in ``pred_dir``.
+
+    This is the challenge's evaluation of a submission: per-image F1 by
+    :func:`match`, averaged over images. A missing prediction is scored as an
+    empty one (F1 0) and listed in ``missing``. With ``csv_path`` the per-image
+    rows are written there as CSV (atomically).
+    """
+    from cellseg_lite.io import read_labels
+
+    threshold = _check_threshold(iou_threshold)
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    for folder in (gt_dir, pred_dir):
+        if not folder.is_dir():
+            raise CellSegError(f"{where(folder)}: not a folder")
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        if csv_path.is_dir():
+            raise CellSegError(f"{where(csv_path)}: is a folder; csv_path must name a file")
+    truths = _label_files(gt_dir)
+    if not truths:
+        raise CellSegError(
+            f"{where(gt_dir)}: no ground-truth label files (<stem>_label.tiff, .tif or .png)"
+        )
+    predictions = _label_files(pred_dir)
+    rows, missing = [], []
+    for stem, gt_path in truths.items():
+        y_true = read_labels(gt_path)
+        pred_path = predictions.get(stem)
+        if pred_path is None:
+            missing.append(stem)
+            y_pred = np.zeros_like(y_true)
+        else:
+            y_pred = read_labels(pred_path)
+            if y_pred.shape != y_true.shape:
+                raise CellSegError(
+                    f"{where(pred_path)}: prediction size {y_pred.shape} differs from "
+                    f"ground truth size {y_true.shape} ({gt_path.name})"
+                )
+        result = match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
+        rows.append(ImageScore(stem, *result[1:9]))
+    rows = tuple(rows)
+    report = FolderReport(
+        rows=rows,
+        n_images=len(rows),
+        mean_f1=math.fsum(r.f1 for r in rows) / len(rows),
+        mean_precision=math.fsum(r.precision for r in rows) / len(rows),
+        mean_recall=math.fsum(r.recall for r in rows) / len(rows),
+        missing=tuple(missing),
+        iou_threshold=threshold,
+    )
+    if csv_path is not None:
+        _write_csv(csv_path, rows)
+    return report
