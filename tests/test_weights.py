@@ -1,0 +1,45 @@
+"""The pretrained-weights fallback: asked-for weights that cannot be fetched give a warning, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellseg_lite._weights import PretrainedWeightsWarning, build_with_pretrained
+
+
+def _builder(fail_with=None):
+    calls = []
+
+    def build(pretrained: bool):
+        calls.append(pretrained)
+        if pretrained and fail_with is not None:
+            raise fail_with
+        return "pretrained" if pretrained else "random"
+
+    return build, calls
+
+
+def test_not_asked_builds_random_without_trying():
+    build, calls = _builder()
+    assert build_with_pretrained(build, "model", pretrained=False) == "random"
+    assert calls == [False]
+
+
+def test_fetched_weights_are_used():
+    build, calls = _builder()
+    assert build_with_pretrained(build, "model", pretrained=True) == "pretrained"
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("error", [OSError("Network is unreachable"), RuntimeError("hub failed")])
+def test_offline_falls_back_with_a_warning(error):
+    build, calls = _builder(fail_with=error)
+    with pytest.warns(PretrainedWeightsWarning, match="resnet18: could not fetch.*random"):
+        assert build_with_pretrained(build, "resnet18", pretrained=True) == "random"
+    assert calls == [True, False]
+
+
+def test_programming_errors_are_not_swallowed():
+    build, _ = _builder(fail_with=TypeError("bad argument"))
+    with pytest.raises(TypeError):
+        build_with_pretrained(build, "model", pretrained=True)
