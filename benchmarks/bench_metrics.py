@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import re
-import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
-import scipy
+from _results import RESULTS, machine, median_seconds, now, write_section
 from scipy import ndimage as ndi
 
 from cellseg_lite import metrics
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-START, END = "<!-- bench_metrics:start -->", "<!-- bench_metrics:end -->"
-HEADER = (
-    "# Benchmark results\n\n"
-    "Each benchmark script in this folder rewrites its own section below, between its\n"
-    "HTML comment markers; run a script again to refresh its figures.\n"
-)
 
 
 def random_cells(shape: tuple[int, int], n_cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,44 +71,6 @@ def perturb(labels: np.ndarray, rng: np.random.Generator, *, max_shift: int = 2)
     return ids[out].astype(np.int32)
 
 
-def median_seconds(function, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls after one warm-up call (numba compiles there)."""
-    result = function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` between this script's markers in ``path``, leaving other sections alone."""
-    text = path.read_text() if path.exists() else HEADER
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2000, help="image side in pixels")
@@ -133,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
     args = parser.parse_args(argv)
 
-    import stardist
     from stardist.matching import matching
 
     rng = np.random.default_rng(args.seed)
@@ -178,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         "assignment; at 0.3 split and merged cells send many more components there.",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, scipy {scipy.__version__}, stardist {stardist.__version__}",
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Machine: {machine('numpy', 'scipy', 'stardist')}",
+        f"- Date: {now()}",
     ]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        write_section(RESULTS, section)
+        write_section("bench_metrics", section)
         print(f"\nwritten to {RESULTS}")
     if not identical:
         print("F1 differs between the two implementations", file=sys.stderr)

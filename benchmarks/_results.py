@@ -1,0 +1,72 @@
+"""Shared plumbing for the benchmark scripts: timing, the machine's description, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Each benchmark script in this folder rewrites its own section below, between its\n"
+    "HTML comment markers; run a script again to refresh its figures.\n"
+)
+
+
+def median_seconds(function, repeats: int) -> tuple[float, object]:
+    """Median wall time of ``repeats`` calls after one warm-up call (numba and caches warm up there)."""
+    result = function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(*packages: str) -> str:
+    """One line: cores, CPU model, Python and the versions of ``packages``."""
+    from importlib.metadata import version
+
+    versions = ", ".join(f"{name} {version(name)}" for name in packages)
+    text = f"{os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}"
+    return f"{text}, {versions}" if versions else text
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_section(name: str, section: str, path: Path = RESULTS) -> None:
+    """Put ``section`` between the ``<!-- name:start -->`` / ``<!-- name:end -->`` markers of ``path``,
+    leaving other sections alone; the file is replaced atomically."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else HEADER
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
