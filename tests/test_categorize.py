@@ -242,7 +242,14 @@ def test_sixteen_bit_rgb():
 
 def test_one_channel_explained():
     result = explain(np.full((8, 8), 51, np.uint8), no_cells((8, 8)))
-    assert result == (0, 0.0, pytest.approx(0.2), 0, "one channel -> class 0 (one-channel)")
+    assert result == (
+        0,
+        0.0,
+        pytest.approx(0.2),
+        0,
+        "one channel -> class 0 (one-channel)",
+        "labels",
+    )
 
 
 def test_low_level_category_is_explain_category():
@@ -334,3 +341,311 @@ def test_real_images_follow_the_documented_rule(real_mini, real_manifest):
             wrong.append((row["stem"], row["modality"], result.branch))
     assert not wrong
     assert {row["modality"] for row in real_manifest} == set(expected)
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+class FakeSegmenter:
+    """A segmenter that returns fixed labels and records the images it was called on."""
+
+    def __init__(self, labels):
+        self.labels = labels
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, image):
+        self.calls.append(image)
+        return self.labels
+
+
+@pytest.mark.parametrize("area, category", [(9000, 2), (120, 3)])
+def test_pseudo_labels_feed_the_area_test(area, category):
+    image = uniform(PINK, (100, 100))
+    segmenter = FakeSegmenter(one_cell((100, 100), area))
+    result = categorize.categorize_image(image, segmenter=segmenter)
+    assert len(segmenter.calls) == 1
+    assert segmenter.calls[0] is image  # the raw image, as given
+    assert (result.category, result.max_area, result.area_source) == (category, area, "pseudo")
+    assert f"largest pseudo-label cell {area} px" in result.branch
+    assert result.branch.startswith("colour (mean S 0.375 > 0.1")
+    labelled = explain(image, one_cell((100, 100), area))
+    assert result[:4] == labelled[:4]
+    assert labelled.area_source == "labels"
+
+
+@pytest.mark.parametrize(
+    "image, category",
+    [
+        (np.full((16, 16), 200, np.uint8), 0),
+        (np.full((16, 16, 1), 200, np.uint16), 0),
+        (uniform((100, 100, 100)), 1),
+    ],
+    ids=["one-channel", "one-channel-HW1", "gray"],
+)
+def test_pseudo_path_does_not_call_the_segmenter_when_the_area_is_not_needed(image, category):
+    segmenter = FakeSegmenter(one_cell((16, 16), 200))
+    result = categorize.categorize_image(image, segmenter=segmenter)
+    assert segmenter.calls == []
+    assert (result.category, result.max_area, result.area_source) == (category, None, "none")
+    assert result.branch == explain(image, no_cells()).branch
+    # ... and no segmenter is needed at all.
+    assert categorize.categorize_image(image) == result
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_pseudo_path_calls_the_segmenter_for_two_and_four_channels(channels):
+    segmenter = FakeSegmenter(one_cell((16, 16), 200))
+    result = categorize.categorize_image(uniform((100,) * channels), segmenter=segmenter)
+    assert len(segmenter.calls) == 1
+    assert (result.category, result.area_source) == (3, "pseudo")
+    assert f"{channels} channels: no gray test" in result.branch
+
+
+def test_given_labels_win_over_the_segmenter():
+    image, labels = uniform(PINK, (100, 100)), one_cell((100, 100), 9000)
+    segmenter = FakeSegmenter(no_cells((100, 100)))
+    result = categorize.categorize_image(image, labels, segmenter=segmenter)
+    assert segmenter.calls == []
+    assert result == explain(image, labels)
+
+
+def test_pseudo_path_uses_the_thresholds():
+    image = uniform(PINK, (200, 200))
+    segmenter = FakeSegmenter(one_cell((200, 200), 12000))
+    assert categorize.categorize_image(image, segmenter=segmenter).category == 2
+    assert categorize.categorize_image(image, segmenter=segmenter, **PRESETS["code"]).category == 3
+    gray = uniform((100, 80, 80))  # S = 0.2: gray only with a looser saturation threshold
+    assert categorize.categorize_image(gray, saturation=0.2).category == 1
+
+
+def test_pseudo_path_colour_image_without_segmenter_says_one_is_needed():
+    with pytest.raises(CellSegError, match="colour image without labels needs a segmenter"):
+        categorize.categorize_image(uniform(PINK))
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        (no_cells((8, 16)), r"image and segmenter output: image size \(16, 16\) and label size"),
+        (np.full((16, 16), 0.5), "segmenter output: labels must be integers"),
+        (np.zeros((16, 16, 3), np.int32), "segmenter output: labels must be a 2-D"),
+        (None, "segmenter output: labels must be a 2-D"),
+    ],
+)
+def test_pseudo_path_checks_the_segmenter_output(output, message):
+    with pytest.raises(CellSegError, match=message):
+        categorize.categorize_image(uniform(PINK), segmenter=FakeSegmenter(output))
+
+
+def test_pseudo_path_refuses_a_segmenter_that_is_not_callable():
+    with pytest.raises(CellSegError, match="segmenter: expected a callable.*got str"):
+        categorize.categorize_image(uniform(PINK), segmenter="stardist")
+
+
+def test_pseudo_path_checks_thresholds_and_image_before_segmenting():
+    segmenter = FakeSegmenter(no_cells())
+    with pytest.raises(CellSegError, match="max_area: must be a finite number"):
+        categorize.categorize_image(uniform(PINK), segmenter=segmenter, max_area=-5)
+    with pytest.raises(CellSegError, match="image: expected a 2-D image"):
+        categorize.categorize_image(np.zeros((2, 2, 2, 2)), segmenter=segmenter)
+    assert segmenter.calls == []
+
+
+# ----------------------------------------------------------------------------- folders
+
+CSV_FIELDS = [
+    "stem",
+    "category",
+    "category_name",
+    "mean_s",
+    "mean_v",
+    "channels",
+    "max_area",
+    "area_source",
+    "branch",
+]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """One synthetic image per class (160 px); classes 0 and 3 have lost their label files."""
+    from cellseg_lite import synthetic
+
+    root = tmp_path / "data"
+    entries = synthetic.make_dataset(root, 1, size=(160, 160), seed=3)
+    for entry in entries:
+        if entry.category in (0, 3):
+            entry.labels.unlink()
+    return root, {e.stem: e for e in entries}
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_folder_labelled_images_use_labels_unlabelled_colour_uses_the_segmenter(folder, tmp_path):
+    from cellseg_lite import io
+
+    root, entries = folder
+    c3 = entries["synth_c3_0000"]
+    image3 = io.read_image(c3.image)
+    segmenter = FakeSegmenter(one_cell(image3.shape[:2], 8001))
+    out = tmp_path / "out" / "categories.csv"
+    result = categorize.categorize_folder(root, out, segmenter=segmenter, progress=False)
+
+    assert len(segmenter.calls) == 1  # only the unlabelled colour image
+    np.testing.assert_array_equal(segmenter.calls[0], image3)
+    assert result.errors == () and result.csv_path == out
+    by_stem = {row.stem: row for row in result.rows}
+    assert list(by_stem) == sorted(entries)
+    assert by_stem["synth_c0_0000"][1:] == (
+        0,
+        "one-channel",
+        0.0,
+        pytest.approx(hsv_cues(io.read_image(entries["synth_c0_0000"].image))[1]),
+        1,
+        None,
+        "none",
+        "one channel -> class 0 (one-channel)",
+    )
+    for stem in ("synth_c1_0000", "synth_c2_0000"):
+        entry = entries[stem]
+        expected = explain(io.read_image(entry.image), io.read_labels(entry.labels))
+        row = by_stem[stem]
+        assert (row.category, row.max_area, row.area_source, row.branch) == (
+            entry.category,
+            expected.max_area,
+            "labels",
+            expected.branch,
+        )
+        assert (row.mean_s, row.mean_v) == (expected.saturation, expected.value)
+    assert by_stem["synth_c3_0000"].category == 2  # the fake segmenter's cell is large
+    assert by_stem["synth_c3_0000"].area_source == "pseudo"
+    assert by_stem["synth_c3_0000"].max_area == 8001
+    assert result.counts() == {0: 1, 1: 1, 2: 2, 3: 0}
+
+    fields, rows = read_csv(out)
+    assert fields == CSV_FIELDS
+    assert [r["stem"] for r in rows] == sorted(entries)
+    for row, written in zip(result.rows, rows, strict=True):
+        assert written["category"] == str(row.category)
+        assert written["category_name"] == CATEGORY_NAMES[row.category]
+        assert float(written["mean_s"]) == pytest.approx(row.mean_s, abs=1e-6)
+        assert float(written["mean_v"]) == pytest.approx(row.mean_v, abs=1e-6)
+        assert written["channels"] == str(row.channels)
+        assert written["max_area"] == ("" if row.max_area is None else str(row.max_area))
+        assert (written["area_source"], written["branch"]) == (row.area_source, row.branch)
+    assert [p.name for p in out.parent.iterdir()] == ["categories.csv"]  # no temporary left
+
+
+def test_folder_default_segmenter_is_the_classical_one(folder):
+    root, entries = folder
+    result = categorize.categorize_folder(root, progress=False)
+    row = next(r for r in result.rows if r.stem == "synth_c3_0000")
+    assert (row.category, row.area_source) == (3, "pseudo")
+    assert 0 < row.max_area <= 8000
+    assert [r.category for r in result.rows] == [0, 1, 2, 3]
+    assert result.csv_path is None
+
+
+def test_folder_presets_and_thresholds(folder):
+    root, _ = folder
+    segmenter = FakeSegmenter(no_cells((160, 160)))
+    code = categorize.categorize_folder(root, preset="code", segmenter=segmenter, progress=False)
+    assert [r.category for r in code.rows] == [0, 1, 3, 3]  # class 2's largest cell < 30000 px
+    mixed = categorize.categorize_folder(
+        root, preset="code", max_area=8000, segmenter=segmenter, progress=False
+    )
+    assert [r.category for r in mixed.rows] == [0, 1, 2, 3]
+    loose = categorize.categorize_folder(
+        root, value_range=(0.0, 1.0), saturation=0.5, segmenter=segmenter, progress=False
+    )
+    # S of the class 2 image is 0.17 (pale stains), of the class 3 image 0.53 (H&E)
+    assert [r.category for r in loose.rows] == [0, 1, 1, 3]
+
+
+def test_folder_skips_bad_files_and_reports_them(folder, tmp_path):
+    root, entries = folder
+    broken = root / "images" / "broken.png"
+    broken.write_bytes(entries["synth_c1_0000"].image.read_bytes()[:100])
+    out = tmp_path / "categories.csv"
+    with pytest.warns(UserWarning, match="1 of 5 images could not be categorised.*broken.png"):
+        result = categorize.categorize_folder(
+            root, out, segmenter=FakeSegmenter(no_cells((160, 160))), progress=False
+        )
+    assert [stem for stem, _ in result.errors] == ["broken"]
+    assert str(broken) in result.errors[0][1] and "cannot be read" in result.errors[0][1]
+    assert len(result.rows) == 4
+    assert [r["stem"] for r in read_csv(out)[1]] == sorted(entries)
+
+    with pytest.raises(CellSegError, match=r"broken\.png.*cannot be read as a PNG"):
+        categorize.categorize_folder(root, out, strict=True, progress=False)
+
+
+def test_folder_warning_lists_five_stems_then_dots(folder):
+    root, _ = folder
+    for name in "abcdef":
+        (root / "images" / f"{name}.png").write_bytes(b"not a png")
+    with pytest.warns(
+        UserWarning, match=r"6 of 10 images .*: a, b, c, d, e, \.\.\.; the first: '.*a\.png'"
+    ):
+        result = categorize.categorize_folder(root, progress=False)
+    assert [stem for stem, _ in result.errors] == list("abcdef")
+
+
+def test_folder_names_the_image_when_the_segmenter_output_is_bad(folder):
+    root, entries = folder
+    bad = FakeSegmenter(no_cells((10, 10)))
+    with pytest.warns(UserWarning, match="1 of 4 images"):
+        result = categorize.categorize_folder(root, segmenter=bad, progress=False)
+    ((stem, message),) = result.errors
+    assert stem == "synth_c3_0000"
+    assert message.startswith(f"'{entries[stem].image}': image and segmenter output: image size")
+    with pytest.raises(CellSegError, match="synth_c3_0000.png': image and segmenter output"):
+        categorize.categorize_folder(root, segmenter=bad, strict=True, progress=False)
+
+
+def test_folder_labels_of_another_size_name_the_label_file(folder):
+    from cellseg_lite import io
+
+    root, entries = folder
+    label_path = entries["synth_c1_0000"].labels
+    io.write_labels(label_path, no_cells((20, 20)))
+    with pytest.raises(CellSegError, match=r"synth_c1_0000_label\.tiff': image size \(160, 160\)"):
+        categorize.categorize_folder(root, strict=True, progress=False)
+
+
+def test_folder_progress_bar(folder, capsys):
+    root, _ = folder
+    categorize.categorize_folder(root, segmenter=FakeSegmenter(no_cells((160, 160))))
+    assert "categorising" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        ({"preset": "fast"}, "preset: expected one of paper, code, got 'fast'"),
+        ({"max_area": -1}, "max_area: must be a finite number"),
+        ({"value_range": (0.9, 0.1)}, "value_range: need 0 <= low <= high <= 1"),
+        ({"saturation": 2}, r"saturation: must lie in \[0, 1\]"),
+        ({"segmenter": 42}, "segmenter: expected a callable"),
+    ],
+)
+def test_folder_bad_settings(folder, keywords, message):
+    root, _ = folder
+    with pytest.raises(CellSegError, match=message):
+        categorize.categorize_folder(root, progress=False, **keywords)
+
+
+def test_folder_bad_paths(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(CellSegError, match="is a folder; csv_path must name a file"):
+        categorize.categorize_folder(root, tmp_path, progress=False)
+    with pytest.raises(CellSegError, match="data folder not found"):
+        categorize.categorize_folder(tmp_path / "missing", progress=False)
+    with pytest.raises(CellSegError, match="no images/ folder"):
+        categorize.categorize_folder(tmp_path, progress=False)
