@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check cellseg_lite tests benchmarks
+	$(BIN)/ruff check cellseg_lite tests benchmarks notebooks
 	$(BIN)/ruff format --check cellseg_lite tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix cellseg_lite tests benchmarks
+	$(BIN)/ruff check --fix cellseg_lite tests benchmarks notebooks
 	$(BIN)/ruff format cellseg_lite tests benchmarks
 
 test-unit: $(STAMP)
