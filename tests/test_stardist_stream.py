@@ -252,9 +252,10 @@ def test_loss_on_an_empty_patch_is_finite(variant, fill):
 def test_network_on_an_empty_patch_has_finite_gradients(atto, variant):
     atto.train()
     atto.zero_grad()
-    prob, dist = atto(torch.randn(1, 3, 32, 32))
+    # a batch of two: one 32 x 32 image leaves training-mode BatchNorm one value per channel
+    prob, dist = atto(torch.randn(2, 3, 32, 32))
     sd.loss(
-        prob, dist, torch.zeros(1, 32, 32), torch.zeros(1, 8, 32, 32), variant=variant
+        prob, dist, torch.zeros(2, 32, 32), torch.zeros(2, 8, 32, 32), variant=variant
     ).backward()
     grads = [p.grad for p in atto.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
