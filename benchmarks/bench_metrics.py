@@ -14,27 +14,12 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np
 from _results import RESULTS, machine, median_seconds, now, write_section
-from scipy import ndimage as ndi
 
-from cellseg_lite import metrics
-
-
-def random_cells(shape: tuple[int, int], n_cells: int, rng: np.random.Generator) -> np.ndarray:
-    """``(H, W)`` int32 labels: Voronoi cells around random seeds, each clipped to a random radius.
-
-    Dense clusters of touching cells with isolated ones between them, like tissue.
-    """
-    seeds = np.zeros(shape, np.int32)
-    seeds.flat[rng.choice(seeds.size, n_cells, replace=False)] = np.arange(1, n_cells + 1)
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    nearest = seeds[iy, ix]
-    radius = rng.uniform(0.35, 0.75, n_cells + 1) * math.sqrt(seeds.size / n_cells)
-    return np.where(dist <= radius[nearest], nearest, 0).astype(np.int32)
+from cellseg_lite import metrics, synthetic
 
 
 def perturb(labels: np.ndarray, rng: np.random.Generator, *, max_shift: int = 2) -> np.ndarray:
@@ -83,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from stardist.matching import matching
 
     rng = np.random.default_rng(args.seed)
-    y_true = random_cells((args.size, args.size), args.cells, rng)
+    y_true = synthetic.voronoi_labels((args.size, args.size), args.cells, rng)
     y_pred = perturb(y_true, rng)
 
     rows, identical = [], True

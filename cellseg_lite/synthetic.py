@@ -46,7 +46,7 @@ from skimage import color, draw, measure, segmentation
 from cellseg_lite._errors import CellSegError
 from cellseg_lite.io import atomic_write, write_image, write_labels
 
-__all__ = ["MIN_SIZE", "SyntheticEntry", "make_dataset", "make_image"]
+__all__ = ["MIN_SIZE", "SyntheticEntry", "make_dataset", "make_image", "voronoi_labels"]
 
 #: Smallest image side accepted by :func:`make_image`, and the smallest side of
 #: a class 2 image (a cell larger than 8000 px must fit inside it).
@@ -619,6 +619,31 @@ def make_image(
     shape = _check_size(size)
     rng = np.random.default_rng(_check_seed(seed))
     return _GENERATORS[category](rng, shape)
+
+
+def voronoi_labels(
+    shape: tuple[int, int], n_cells: int, seed: int | np.random.Generator = 0
+) -> np.ndarray:
+    """``(H, W)`` int32 labels only, no image: Voronoi cells around ``n_cells`` random seeds, each
+    clipped to a random radius, giving dense clusters of touching cells with isolated ones between.
+
+    Cheap at any size (one distance transform), for benchmarks and tests of label-only code:
+    metrics, targets, post-processing.
+    """
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise CellSegError(f"shape: expected (H, W) with positive sides, got {shape!r}")
+    if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer):
+        raise CellSegError(f"n_cells: expected an integer, got {n_cells!r}")
+    if not 1 <= n_cells <= shape[0] * shape[1]:
+        raise CellSegError(f"n_cells: expected 1 to {shape[0] * shape[1]}, got {n_cells}")
+    rng = np.random.default_rng(_check_seed(seed))
+    seeds = np.zeros(shape, np.int32)
+    seeds.flat[rng.choice(seeds.size, n_cells, replace=False)] = np.arange(1, n_cells + 1)
+    dist, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    nearest = seeds[iy, ix]
+    radius = rng.uniform(0.35, 0.75, n_cells + 1) * np.sqrt(seeds.size / n_cells)
+    return np.where(dist <= radius[nearest], nearest, 0).astype(np.int32)
 
 
 class SyntheticEntry(NamedTuple):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import math
 
 import numpy as np
 import pytest
 import tifffile
-from scipy import ndimage as ndi
 
-from cellseg_lite import CellSegError, metrics
+from cellseg_lite import CellSegError, metrics, synthetic
 
 
 def _boxes(shape, *boxes) -> np.ndarray:
@@ -196,7 +194,7 @@ def test_boundary_width_zero_only_relabels():
 
 
 def test_drop_boundary_is_removal_then_matching(rng):
-    y_true = _random_cells((96, 80), 40, rng)
+    y_true = synthetic.voronoi_labels((96, 80), 40, rng)
     y_pred = _perturb(y_true, rng)
     for threshold in (0.3, 0.5):
         removed = metrics.match(
@@ -238,7 +236,7 @@ def test_tiles_cut_cells_and_drop_tile_boundaries(small_tiles, monkeypatch):
 
 
 def test_tiled_counts_are_sums_over_padded_tiles(small_tiles, rng):
-    y_true = _random_cells((50, 45), 30, rng)
+    y_true = synthetic.voronoi_labels((50, 45), 30, rng)
     y_pred = _perturb(y_true, rng)
     m = metrics.match(y_true, y_pred)
     padded_true, padded_pred = np.zeros((2, 60, 60), np.int32)
@@ -254,16 +252,6 @@ def test_tiled_counts_are_sums_over_padded_tiles(small_tiles, rng):
 
 
 # --------------------------------------------------------------------------- against stardist
-
-
-def _random_cells(shape, n_cells, rng) -> np.ndarray:
-    """Touching, clipped Voronoi cells of random radius: a dense-tissue-like label image."""
-    seeds = np.zeros(shape, np.int32)
-    seeds.flat[rng.choice(seeds.size, n_cells, replace=False)] = np.arange(1, n_cells + 1)
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    nearest = seeds[iy, ix]
-    radius = rng.uniform(0.35, 0.75, n_cells + 1) * math.sqrt(seeds.size / n_cells)
-    return np.where(dist <= radius[nearest], nearest, 0).astype(np.int32)
 
 
 def _perturb(labels, rng, *, max_shift=2) -> np.ndarray:
@@ -307,7 +295,7 @@ def test_agrees_with_stardist_matching(seed):
     from stardist.matching import matching
 
     rng = np.random.default_rng(seed)
-    y_true = _random_cells((128, 160), 90, rng)
+    y_true = synthetic.voronoi_labels((128, 160), 90, rng)
     y_pred = _perturb(y_true, rng)
     for threshold in (0.3, 0.5, 0.7, 0.9):
         assert _float32_gap_pairs(y_true, y_pred, threshold) == 0, "pick another seed"
@@ -370,7 +358,7 @@ def folders(tmp_path, rng):
     pred_dir.mkdir()
     pairs = {}
     for stem in ("cell_00001", "cell_00002", "cell_00003"):
-        y_true = _random_cells((64, 72), 25, rng)
+        y_true = synthetic.voronoi_labels((64, 72), 25, rng)
         pairs[stem] = (y_true, _perturb(y_true, rng))
         _write(gt_dir / f"{stem}_label.tiff", y_true)
     _write(pred_dir / "cell_00001_label.tiff", pairs["cell_00001"][1])

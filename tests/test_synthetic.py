@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage import measure
 
-from cellseg_lite import CellSegError, io
+from cellseg_lite import CellSegError, io, synthetic
 from cellseg_lite.categorize import PRESETS, low_level_category
 from cellseg_lite.synthetic import MIN_SIZE, SyntheticEntry, make_dataset, make_image
 
@@ -287,3 +287,24 @@ def test_make_dataset_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(CellSegError, match=message):
         make_dataset(tmp_path, **arguments)
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_voronoi_labels_are_seeded_sequential_cells():
+    a = synthetic.voronoi_labels((120, 90), 40, seed=5)
+    np.testing.assert_array_equal(a, synthetic.voronoi_labels((120, 90), 40, seed=5))
+    assert a.dtype == np.int32 and a.shape == (120, 90)
+    assert set(np.unique(a)) <= set(range(41)) and a.max() == 40
+
+
+@pytest.mark.parametrize(
+    ("shape", "n_cells", "match"),
+    [
+        ((0, 10), 3, "shape"),
+        ((10, 10), 0, "n_cells"),
+        ((10, 10), 101, "n_cells"),
+        ((10, 10), 2.5, "n_cells"),
+    ],
+)
+def test_voronoi_labels_bad_settings(shape, n_cells, match):
+    with pytest.raises(CellSegError, match=match):
+        synthetic.voronoi_labels(shape, n_cells)
