@@ -210,20 +210,6 @@ def bench_streams_hover(args) -> str:
 # --------------------------------------------------------------------------- StarDist
 
 
-def random_cells(shape: tuple[int, int], n_cells: int, seed: int) -> np.ndarray:
-    """``(H, W)`` int32 labels: Voronoi cells around random seeds, each clipped to a random
-    radius (as ``bench_metrics.random_cells``): dense clusters of touching cells and isolated ones."""
-    from scipy import ndimage as ndi
-
-    rng = np.random.default_rng(seed)
-    seeds = np.zeros(shape, np.int32)
-    seeds.flat[rng.choice(seeds.size, n_cells, replace=False)] = np.arange(1, n_cells + 1)
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    nearest = seeds[iy, ix]
-    radius = rng.uniform(0.35, 0.75, n_cells + 1) * np.sqrt(seeds.size / n_cells)
-    return np.where(dist <= radius[nearest], nearest, 0).astype(np.int32)
-
-
 _STARDIST_SETTINGS = {
     "default (stride 4, border 2)": {},
     "stride 1 (every pixel)": {"stride": 1},
@@ -339,7 +325,7 @@ def bench_streams_stardist(args) -> str:
     scoring_s = time.perf_counter() - start
 
     side = args.time_size
-    labels = random_cells((side, side), args.stardist_cells, args.seed)
+    labels = synthetic.voronoi_labels((side, side), args.stardist_cells, args.seed)
     start = time.perf_counter()
     prob, dist = stardist.targets(labels)
     targets_s = time.perf_counter() - start
