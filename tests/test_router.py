@@ -57,13 +57,7 @@ def tiny_set() -> tuple[list[np.ndarray], list[int]]:
     return images, categories
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: these networks are tiny, and on a busy 2-core machine two threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quick(images, categories, **settings):

@@ -15,14 +15,7 @@ from stardist.geometry import polygons_to_label
 from cellseg_lite import CellSegError, metrics, synthetic
 from cellseg_lite.streams import stardist as sd
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread: the networks here are tiny, and on a busy 2-core machine two threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
