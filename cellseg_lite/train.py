@@ -1,0 +1,921 @@
+"""One training loop for both segmentation streams: presets, checkpoints, resume, fine-tuning, DDP.
+
+Lou, Yu et al. (NeurIPS 2022 Cell Segmentation Challenge) train every model the same way: AdamW
+(lr 1e-4), batch 16, 512 x 512 patches with the eight augmentations of :mod:`cellseg_lite.augment`,
+800 epochs with the learning rate halved at epoch 200, first on all labelled images, then
+fine-tuned on one low-level class at a time. :func:`train_stream` is that loop for either stream
+(``"stardist"`` or ``"hover"``), with what a run on someone else's machine needs:
+
+- the device chosen for you, mixed precision on CUDA (bf16 where the GPU supports it, else fp16
+  with a gradient scaler), channels-last memory on CUDA;
+- a tqdm progress bar with the loss and the throughput in patches per second;
+- validation with the challenge's F1 on whole images, and the best epoch's weights kept;
+- one checkpoint file, written atomically, that carries the model's configuration, the preset,
+  the classes the model serves, the package version, the best weights and the state needed to
+  resume the same run (:func:`load_checkpoint`);
+- resume (``resume=path``): the run continues exactly where it stopped, patch for patch;
+- fine-tuning (``init=path``): start from a pre-trained checkpoint on one class's images;
+- several GPUs or machines through DistributedDataParallel under ``torchrun`` (gloo on CPU).
+
+Training targets are computed in the data set's ``__getitem__``, i.e. in DataLoader workers, after
+augmentation: star distances must be computed on the augmented labels (rotating an image permutes
+its rays, paper-notes section 11), and computing them there keeps the training step itself pure
+tensor work.
+
+Presets (:data:`PRESETS`): ``"paper"`` (the paper's settings, for GPUs), ``"lite"`` (a small
+ConvNeXt, small patches and a time budget: for a CPU or a Colab workshop) and ``"fast"`` (seconds,
+for CI and the book's FAST mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellseg_lite._errors import CellSegError, where
+from cellseg_lite.config import fast_mode
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "PRESETS",
+    "STREAMS",
+    "Checkpoint",
+    "History",
+    "StreamDataset",
+    "TrainConfig",
+    "build_model",
+    "default_preset",
+    "evaluate_stream",
+    "load_checkpoint",
+    "predict_maps",
+    "preset",
+    "save_checkpoint",
+    "segment_maps",
+    "train_stream",
+]
+
+#: The two segmentation streams of the method.
+STREAMS = ("stardist", "hover")
+#: ``format`` field of a stream checkpoint (a router checkpoint has its own).
+CHECKPOINT_FORMAT = "cellseg-lite-stream"
+_CHECKPOINT_LAYOUT = 1
+
+
+# --------------------------------------------------------------------------- 1. settings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run; a preset is one of these (:func:`preset`).
+
+    Model: ``stream``, ``backbone`` (a timm ConvNeXt), ``decoder`` (``"paper"`` or ``"code"``),
+    ``n_rays`` (StarDist), ``pretrained`` (ImageNet encoder weights; falls back with a warning
+    offline). Data: ``patch_size``, ``batch_size`` (per process), ``patches_per_image`` (patches
+    drawn from each image per epoch), ``augment`` (the paper's eight augmentations).
+    Optimisation: AdamW with ``lr`` and ``weight_decay``; the learning rate is multiplied by
+    ``lr_gamma`` at each fraction of the run in ``lr_milestones`` (the paper: x0.5 at epoch 200
+    of 800, i.e. at 0.25), after a linear warm-up of ``warmup_steps``. Length: ``epochs``, and
+    optionally a budget of ``minutes`` (the run stops after the first step past it, validation
+    included; the schedule then follows elapsed time). ``val_every``: epochs between
+    validations. ``amp``/``channels_last``: ``None`` means on CUDA only. ``loss``: the StarDist
+    loss variant (``"paper"`` or ``"code"``). ``num_workers``: DataLoader processes computing
+    patches and targets.
+    """
+
+    stream: str = "stardist"
+    backbone: str = "convnext_small"
+    decoder: str = "paper"
+    n_rays: int = 32
+    pretrained: bool = True
+    patch_size: int = 512
+    batch_size: int = 16
+    patches_per_image: int = 1
+    augment: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_milestones: tuple[float, ...] = (0.25,)
+    lr_gamma: float = 0.5
+    warmup_steps: int = 0
+    epochs: int = 800
+    minutes: float | None = None
+    val_every: int = 10
+    amp: bool | None = None
+    channels_last: bool | None = None
+    loss: str = "paper"
+    num_workers: int = 0
+    seed: int = 0
+    preset: str = "custom"
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some settings changed (checked again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise CellSegError(f"TrainConfig: unknown setting(s) {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self):
+        _check_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lr_milestones"] = list(self.lr_milestones)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source=None) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: v for k, v in dict(data).items() if k in known}
+            if "lr_milestones" in values:
+                values["lr_milestones"] = tuple(values["lr_milestones"])
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise CellSegError(f"{where(source)}: bad training settings ({err})") from err
+
+
+def _check_config(c: TrainConfig) -> None:
+    def positive_int(name, minimum=1):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+            raise CellSegError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+    def positive_number(name, allow_zero=False):
+        value = getattr(c, name)
+        ok = (
+            not isinstance(value, bool)
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+            and (value >= 0 if allow_zero else value > 0)
+        )
+        if not ok:
+            raise CellSegError(
+                f"{name}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+            )
+
+    if c.stream not in STREAMS:
+        raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {c.stream!r}")
+    if c.loss not in ("paper", "code"):
+        raise CellSegError(f"loss: expected 'paper' or 'code', got {c.loss!r}")
+    for name in ("patch_size", "batch_size", "patches_per_image", "epochs", "val_every", "n_rays"):
+        positive_int(name)
+    for name in ("num_workers", "warmup_steps", "seed"):
+        positive_int(name, minimum=0)
+    if c.patch_size < 32:
+        raise CellSegError(f"patch_size: expected at least 32 pixels, got {c.patch_size}")
+    positive_number("lr")
+    positive_number("weight_decay", allow_zero=True)
+    positive_number("lr_gamma")
+    if c.minutes is not None:
+        positive_number("minutes")
+    if not all(isinstance(m, int | float) and 0 < m < 1 for m in c.lr_milestones):
+        raise CellSegError(
+            f"lr_milestones: expected fractions of the run in (0, 1), got {c.lr_milestones!r}"
+        )
+
+
+def _preset_table() -> dict[str, TrainConfig]:
+    paper = TrainConfig(preset="paper")
+    lite = TrainConfig(
+        backbone="convnext_atto",
+        patch_size=256,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=50,
+        lr_milestones=(0.5, 0.8),
+        epochs=10_000,
+        minutes=10.0,
+        val_every=5,
+        preset="lite",
+    )
+    fast = lite.replace(
+        pretrained=False,
+        patch_size=64,
+        batch_size=4,
+        warmup_steps=0,
+        epochs=2,
+        minutes=None,
+        val_every=1,
+        preset="fast",
+    )
+    return {"paper": paper, "lite": lite, "fast": fast}
+
+
+#: Preset names: ``"paper"`` (ConvNeXt-small, pretrained, 512 patches, batch 16, AdamW 1e-4, 800
+#: epochs halved at 200: GPUs), ``"lite"`` (convnext_atto, 256 patches, batch 8, AdamW 1e-3 with
+#: warm-up, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
+#: downloads: CI and FAST mode).
+PRESETS = ("paper", "lite", "fast")
+
+
+def preset(name: str = "paper", **changes) -> TrainConfig:
+    """The settings of a preset, with optional changes: ``preset("lite", stream="hover", minutes=5)``."""
+    table = _preset_table()
+    if name not in table:
+        raise CellSegError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+    return table[name].replace(**changes) if changes else table[name]
+
+
+def default_preset() -> str:
+    """``"fast"`` under ``CELLSEG_FAST=1``, else ``"paper"`` on a CUDA GPU and ``"lite"`` on a CPU."""
+    if fast_mode():
+        return "fast"
+    return "paper" if torch.cuda.is_available() else "lite"
+
+
+# --------------------------------------------------------------------------- 2. models and data
+
+
+def build_model(config: TrainConfig, *, pretrained: bool | None = None) -> nn.Module:
+    """The network of a config: ``ConvNeXtStarDist`` or ``ConvNeXtHover``."""
+    pretrained = config.pretrained if pretrained is None else pretrained
+    if config.stream == "stardist":
+        from cellseg_lite.streams.stardist import ConvNeXtStarDist
+
+        return ConvNeXtStarDist(
+            config.backbone, n_rays=config.n_rays, pretrained=pretrained, decoder=config.decoder
+        )
+    from cellseg_lite.streams.hover import ConvNeXtHover
+
+    return ConvNeXtHover(config.backbone, pretrained=pretrained, decoder=config.decoder)
+
+
+def _targets(stream: str, labels: np.ndarray, n_rays: int) -> dict[str, torch.Tensor]:
+    if stream == "stardist":
+        from cellseg_lite.streams import stardist
+
+        prob, dist = stardist.targets(labels, n_rays=n_rays)
+        return {"prob": torch.from_numpy(prob[None]), "dist": torch.from_numpy(dist)}
+    from cellseg_lite.streams import hover
+
+    foreground, hv = hover.targets(labels)
+    return {"foreground": torch.from_numpy(foreground), "hv": torch.from_numpy(hv)}
+
+
+class StreamDataset(torch.utils.data.Dataset):
+    """Augmented patches with their stream's targets: what the training loop iterates over.
+
+    Wraps a :class:`cellseg_lite.datasets.PatchDataset` and adds, per item, the targets of the
+    stream computed from the augmented labels: ``prob (1, P, P)`` and ``dist (R, P, P)`` for
+    StarDist, ``foreground (P, P)`` and ``hv (2, P, P)`` for HoVer. Runs in DataLoader workers
+    when ``num_workers > 0``.
+    """
+
+    def __init__(self, patches, stream: str, n_rays: int = 32):
+        if stream not in STREAMS:
+            raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {stream!r}")
+        self.patches = patches
+        self.stream = stream
+        self.n_rays = int(n_rays)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.patches.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.patches[index]
+        item.update(_targets(self.stream, item["labels"].numpy(), self.n_rays))
+        return item
+
+
+_TARGET_KEYS = ("prob", "dist", "foreground", "hv")
+
+
+def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
+    if config.stream == "stardist":
+        from cellseg_lite.streams import stardist
+
+        prob, dist = outputs
+        return stardist.loss(prob, dist, batch["prob"], batch["dist"], variant=config.loss)
+    from cellseg_lite.streams import hover
+
+    cp, hv = outputs
+    return hover.loss(cp, hv, batch["foreground"], batch["hv"])
+
+
+# --------------------------------------------------------------------------- 3. prediction for validation
+
+
+def predict_maps(
+    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512
+) -> np.ndarray:
+    """The stream's output maps ``(K, H, W)`` float32 of one network input ``(H, W, 3)`` in [0, 1].
+
+    StarDist: ``prob`` then ``dist`` (``1 + R`` channels); HoVer: foreground probability, then
+    ``hv`` (3 channels). Images larger than ``tile`` go through
+    :func:`cellseg_lite.infer.sliding_window`; smaller ones through one forward pass.
+    """
+    from cellseg_lite import infer
+
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    predict = infer.model_predictor(model, device=device)
+    height, width = image.shape[:2]
+    if max(height, width) > tile:
+        return infer.sliding_window(predict, image, tile=tile, stride=tile * 3 // 4)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))[None]
+    return np.asarray(predict(x))[0]
+
+
+def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:
+    """Instance labels ``(H, W)`` from :func:`predict_maps` output and post-processing thresholds."""
+    if stream == "stardist":
+        from cellseg_lite.streams import stardist
+
+        return stardist.instances(
+            maps[0], maps[1:], thresholds.get("prob_thresh", 0.5), thresholds.get("nms_thresh", 0.4)
+        )
+    from cellseg_lite.streams import hover
+
+    return hover.instances(maps[0], maps[1:], thresholds.get("prob_thresh", 0.6))
+
+
+def _default_thresholds(stream: str) -> dict:
+    return {"prob_thresh": 0.5, "nms_thresh": 0.4} if stream == "stardist" else {"prob_thresh": 0.6}
+
+
+def _threshold_grid(stream: str) -> list[dict]:
+    if stream == "stardist":
+        return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7)]
+    return [{"prob_thresh": p} for p in (0.4, 0.5, 0.6, 0.7)]
+
+
+def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from cellseg_lite import io
+
+    loaded = []
+    for sample in samples:
+        image = io.normalize_image(io.read_image(sample.image_path), source=sample.image_path)
+        labels = io.read_labels(sample.label_path)
+        if image.shape[:2] != labels.shape:
+            raise CellSegError(
+                f"{where(sample.label_path)}: label size {labels.shape} differs from its image's "
+                f"{image.shape[:2]}"
+            )
+        loaded.append((sample.stem, image.astype(np.float32) / 255.0, labels))
+    return loaded
+
+
+def evaluate_stream(
+    model: nn.Module,
+    stream: str,
+    val: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    thresholds: dict | Sequence[dict] | None = None,
+) -> tuple[float, dict]:
+    """Mean challenge F1 of a stream on whole images ``(stem, image [0, 1], labels)``.
+
+    With a list of thresholds, each is tried on the same predicted maps and the best one is
+    returned with its F1 (the threshold optimisation stardist does on validation data).
+    """
+    from cellseg_lite import metrics
+
+    candidates = (
+        [thresholds or _default_thresholds(stream)]
+        if isinstance(thresholds, dict | None)
+        else list(thresholds)
+    )
+    was_training = model.training
+    model.eval()
+    scores = np.zeros((len(candidates), len(val)))
+    try:
+        for j, (_, image, labels) in enumerate(val):
+            maps = predict_maps(model, image)
+            for i, setting in enumerate(candidates):
+                scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
+    finally:
+        model.train(was_training)
+    best = int(np.argmax(scores.mean(axis=1))) if len(val) else 0
+    return (float(scores[best].mean()) if len(val) else float("nan")), dict(candidates[best])
+
+
+# --------------------------------------------------------------------------- 4. checkpoints
+
+
+class Checkpoint(NamedTuple):
+    """A loaded stream checkpoint: the model (eval mode, best weights), its settings and state."""
+
+    model: nn.Module
+    config: TrainConfig
+    thresholds: dict
+    categories: tuple[int, ...] | None
+    history: dict
+    version: str
+    resume: dict | None
+    path: Path | None
+
+    @property
+    def stream(self) -> str:
+        return self.config.stream
+
+
+@dataclass
+class History:
+    """What a run did: per-step losses, per-epoch means, validation F1, time."""
+
+    step_loss: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    val_f1: list[tuple[int, float]] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+    patches_per_second: float = 0.0
+    best_epoch: int = -1
+    best_f1: float = float("nan")
+    stopped_early: bool = False
+    thresholds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["val_f1"] = [list(v) for v in self.val_f1]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> History:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        history = cls(**{k: v for k, v in data.items() if k in known})
+        history.val_f1 = [tuple(v) for v in history.val_f1]
+        return history
+
+
+def _model_state(model: nn.Module) -> dict:
+    model = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    thresholds: dict | None = None,
+    categories: Sequence[int] | None = None,
+    history: History | dict | None = None,
+    resume: dict | None = None,
+    state_dict: dict | None = None,
+) -> None:
+    """Write a stream checkpoint in one file, atomically (a crash never leaves half a file).
+
+    It holds the model's weights (``state_dict``, default the model's own), the full
+    :class:`TrainConfig` (backbone, decoder, rays, preset...), the post-processing thresholds,
+    the low-level classes the model serves (``categories``), the history, the package version
+    and, for :func:`train_stream`'s ``resume=``, the optimiser state. Plain types only, so that
+    ``torch.load(weights_only=True)`` reads it.
+    """
+    from cellseg_lite import __version__
+    from cellseg_lite.io import atomic_write
+
+    if isinstance(history, History):
+        history = history.to_dict()
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "layout": _CHECKPOINT_LAYOUT,
+        "version": __version__,
+        "stream": config.stream,
+        "config": config.to_dict(),
+        "thresholds": dict(thresholds or _default_thresholds(config.stream)),
+        "categories": None if categories is None else [int(c) for c in categories],
+        "history": history or {},
+        "state_dict": state_dict if state_dict is not None else _model_state(model),
+        "resume": resume,
+    }
+    with atomic_write(path) as fh:
+        torch.save(checkpoint, fh)
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    if not path.is_file():
+        raise CellSegError(f"{where(path)}: model checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise CellSegError(
+            f"{where(path)}: cannot be read as a checkpoint; is it truncated or corrupt? "
+            f"({type(err).__name__}: {first})"
+        ) from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CellSegError(f"{where(path)}: is not a cellseg-lite stream checkpoint")
+    if checkpoint.get("layout") != _CHECKPOINT_LAYOUT:
+        raise CellSegError(
+            f"{where(path)}: checkpoint layout {checkpoint.get('layout')!r} is not supported "
+            f"(this version reads layout {_CHECKPOINT_LAYOUT})"
+        )
+    return checkpoint
+
+
+def _check_compatible(saved: TrainConfig, wanted: TrainConfig, path) -> None:
+    """Refuse weights of another architecture with a message naming the difference."""
+    for name in ("stream", "backbone", "decoder", "n_rays"):
+        old, new = getattr(saved, name), getattr(wanted, name)
+        if name == "n_rays" and saved.stream != "stardist":
+            continue
+        if old != new:
+            raise CellSegError(
+                f"{where(path)}: the checkpoint was trained with {name}={old!r}, but this run "
+                f"uses {name}={new!r}; use a checkpoint of the same architecture or change {name}"
+            )
+
+
+def _load_state(model: nn.Module, state: dict, path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise CellSegError(
+            f"{where(path)}: the weights do not fit this model "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    expect: TrainConfig | None = None,
+) -> Checkpoint:
+    """Read a checkpoint of :func:`save_checkpoint`: the model in eval mode with its best weights.
+
+    ``expect`` (a config) refuses a checkpoint of another stream, backbone, decoder or number of
+    rays with a clear message. Damaged or foreign files raise :class:`~cellseg_lite.CellSegError`.
+    """
+    path = Path(path)
+    checkpoint = _read_checkpoint(path, device)
+    config = TrainConfig.from_dict(checkpoint.get("config") or {}, path)
+    if expect is not None:
+        _check_compatible(config, expect, path)
+    model = build_model(config, pretrained=False)
+    _load_state(model, checkpoint["state_dict"], path)
+    model.to(device).eval()
+    categories = checkpoint.get("categories")
+    return Checkpoint(
+        model=model,
+        config=config,
+        thresholds=dict(checkpoint.get("thresholds") or _default_thresholds(config.stream)),
+        categories=None if categories is None else tuple(int(c) for c in categories),
+        history=checkpoint.get("history") or {},
+        version=str(checkpoint.get("version", "?")),
+        resume=checkpoint.get("resume"),
+        path=path,
+    )
+
+
+# --------------------------------------------------------------------------- 5. the loop
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CellSegError(f"device: cannot use {device!r} ({err})") from err
+
+
+class _Distributed(NamedTuple):
+    rank: int
+    world_size: int
+    initialised_here: bool
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _setup_distributed(distributed: bool | None, device: torch.device) -> _Distributed:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if distributed is None:
+        distributed = world > 1
+    if not distributed:
+        return _Distributed(0, 1, False)
+    if dist.is_initialized():
+        return _Distributed(dist.get_rank(), dist.get_world_size(), False)
+    if "MASTER_ADDR" not in os.environ:
+        raise CellSegError(
+            "distributed: no process group; launch with torchrun (it sets RANK, WORLD_SIZE, "
+            "MASTER_ADDR and MASTER_PORT)"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return _Distributed(dist.get_rank(), dist.get_world_size(), True)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return torch.autocast(device.type, enabled=False), torch.float32
+
+
+def _epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, ddp: _Distributed):
+    """This process's batches of one epoch: a seeded permutation, sharded over the ranks."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    if ddp.active:  # equal shares, so every rank takes the same number of steps
+        per_rank = n_items // ddp.world_size
+        order = order[ddp.rank :: ddp.world_size][:per_rank]
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:  # never a batch of one: BatchNorm needs two
+        batches.pop()
+    return batches
+
+
+def _learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    lr = config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
+    if config.warmup_steps and step < config.warmup_steps:
+        lr *= (step + 1) / config.warmup_steps
+    return lr
+
+
+def _samples_of(data, name: str):
+    from cellseg_lite import datasets
+
+    if isinstance(data, str | os.PathLike):
+        return datasets.find_pairs(data)
+    samples = list(data)
+    if not samples:
+        raise CellSegError(f"{name}: no labelled images")
+    return samples
+
+
+def train_stream(
+    samples,
+    config: TrainConfig | None = None,
+    *,
+    val=None,
+    out: str | os.PathLike | None = None,
+    init: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    categories: Sequence[int] | None = None,
+    steps: int | None = None,
+    tune_thresholds: bool = True,
+    device: str | torch.device | None = None,
+    distributed: bool | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, History], None] | None = None,
+) -> tuple[nn.Module, History]:
+    """Train one stream on labelled images; return ``(model, history)`` and write ``out``.
+
+    ``samples``: a challenge-layout folder or a list of :class:`cellseg_lite.datasets.Sample`;
+    ``val``: the same for validation (whole images, challenge F1 every ``config.val_every``
+    epochs; the best epoch's weights are kept and, with ``tune_thresholds``, the probability
+    threshold that maximises validation F1 is stored with them). ``config``: a
+    :class:`TrainConfig` (default: :func:`default_preset`). ``out``: the checkpoint, rewritten
+    atomically after every epoch, so a stopped run can continue with ``resume=out``.
+    ``init``: start from a pre-trained checkpoint's weights (fine-tuning; another architecture is
+    refused). ``categories``: the low-level classes this model is for, stored in the checkpoint.
+    ``steps``: stop this session after so many optimisation steps (like ``config.minutes``, a
+    budget: the checkpoint can be resumed). Under ``torchrun`` (or ``distributed=True``) each
+    process trains on its share of every epoch with DistributedDataParallel; only rank 0
+    validates and writes ``out``. The model returned is in eval mode, with the best weights.
+    """
+    from tqdm.auto import tqdm
+
+    from cellseg_lite import datasets
+
+    config = config or preset(default_preset())
+    if not isinstance(config, TrainConfig):
+        raise CellSegError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise CellSegError(f"steps: expected a positive integer or None, got {steps!r}")
+    if init is not None and resume is not None:
+        raise CellSegError("init and resume: give one of them (resume already holds the weights)")
+    device = _resolve_device(device)
+    ddp = _setup_distributed(distributed, device)
+    train_samples = _samples_of(samples, "samples")
+    val_images = _load_val(_samples_of(val, "val")) if val is not None else []
+
+    augment = None
+    if config.augment:
+        from cellseg_lite import augment as augment_module
+
+        augment = augment_module.Augment()
+    patches = datasets.PatchDataset(
+        train_samples,
+        config.patch_size,
+        patches_per_image=config.patches_per_image,
+        seed=config.seed,
+        transform=augment,
+    )
+    data = StreamDataset(patches, config.stream, config.n_rays)
+    if len(data) // ddp.world_size < 2:
+        raise CellSegError(
+            f"samples: {len(data)} patch(es) per epoch for {ddp.world_size} process(es); "
+            "BatchNorm needs at least two per process (more images or patches_per_image)"
+        )
+
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        model = build_model(config)
+    history = History()
+    start_epoch, start_batch = 0, 0
+    best_state, best_f1 = None, -1.0
+    thresholds = _default_thresholds(config.stream)
+    elapsed_before = 0.0
+    resume_state = None
+    if resume is not None:
+        saved = _read_checkpoint(Path(resume), "cpu")
+        _check_compatible(TrainConfig.from_dict(saved["config"], resume), config, resume)
+        resume_state = saved.get("resume")
+        if not resume_state:
+            raise CellSegError(f"{where(Path(resume))}: holds no resume state (a finished export?)")
+        _load_state(model, resume_state["model"], resume)
+        history = History.from_dict(saved.get("history"))
+        start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
+        elapsed_before = float(resume_state.get("elapsed", 0.0))
+        best_f1 = float(resume_state.get("best_f1", -1.0))
+        best_state = saved["state_dict"] if best_f1 >= 0 else None
+        thresholds = dict(saved.get("thresholds") or thresholds)
+        categories = saved.get("categories") if categories is None else categories
+    elif init is not None:
+        pre = _read_checkpoint(Path(init), "cpu")
+        _check_compatible(TrainConfig.from_dict(pre["config"], init), config, init)
+        _load_state(model, pre["state_dict"], init)
+
+    amp = device.type == "cuda" if config.amp is None else bool(config.amp)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    autocast, amp_dtype = _autocast(device, amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+    net = model
+    if ddp.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
+
+    budget = None if config.minutes is None else 60.0 * config.minutes
+    total_steps_hint = config.epochs * max(
+        len(_epoch_batches(len(data), config.batch_size, 0, 0, ddp)), 1
+    )
+    started = time.perf_counter()
+    session_steps, session_patches = 0, 0
+    is_main = ddp.rank == 0
+    bar = tqdm(
+        total=None if budget else total_steps_hint,
+        initial=history.steps,
+        desc=f"{config.stream} ({config.preset})",
+        unit="step",
+        disable=not (progress and is_main),
+    )
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def run_progress(step: int) -> float:
+        by_steps = step / total_steps_hint
+        return max(by_steps, elapsed() / budget) if budget else by_steps
+
+    def save(position: tuple[int, int]) -> None:
+        if out is None or not is_main:
+            return
+        history.seconds = elapsed()
+        resume_payload = {
+            "model": _model_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "epoch": position[0],
+            "batch": position[1],
+            "elapsed": elapsed(),
+            "best_f1": best_f1,
+        }
+        save_checkpoint(
+            out,
+            model,
+            config,
+            thresholds=thresholds,
+            categories=categories,
+            history=history,
+            resume=resume_payload,
+            state_dict=best_state,
+        )
+
+    position = (start_epoch, start_batch)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            data.set_epoch(epoch)
+            batches = _epoch_batches(len(data), config.batch_size, config.seed, epoch, ddp)
+            skip = start_batch if epoch == start_epoch else 0
+            loader = torch.utils.data.DataLoader(
+                data,
+                batch_sampler=batches[skip:],
+                num_workers=config.num_workers,
+                pin_memory=device.type == "cuda",
+            )
+            net.train()
+            losses, batch_index, stop = [], skip, False
+            for batch in loader:
+                x = batch["image"].to(device, non_blocking=True)
+                x = x.contiguous(memory_format=memory_format)
+                targets = {
+                    k: v.to(device, non_blocking=True)
+                    for k, v in batch.items()
+                    if k in _TARGET_KEYS
+                }
+                lr = _learning_rate(config, history.steps, run_progress(history.steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast:
+                    outputs = net(x)
+                loss = _loss(config, outputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise CellSegError(
+                        f"training diverged: loss {value} at step {history.steps} "
+                        f"(lr {lr:g}); lower the learning rate or check the data"
+                    )
+                losses.append(value)
+                history.step_loss.append(value)
+                history.lr.append(lr)
+                history.steps += 1
+                batch_index += 1
+                session_steps += 1
+                session_patches += len(x) * ddp.world_size
+                rate = session_patches / max(time.perf_counter() - started, 1e-9)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", patches_s=f"{rate:.1f}")
+                stop = (budget is not None and elapsed() > budget) or (
+                    steps is not None and session_steps >= steps
+                )
+                if ddp.active:  # every rank stops at the same step
+                    flag = torch.tensor([float(stop)], device=device)
+                    torch.distributed.all_reduce(flag)
+                    stop = bool(flag.item() > 0)
+                if stop:
+                    break
+            if losses:
+                history.epoch_loss.append(float(np.mean(losses)))
+            epoch_done = batch_index >= len(batches)
+            position = (epoch + 1, 0) if epoch_done else (epoch, batch_index)
+            if epoch_done:
+                history.epochs = epoch + 1
+                due = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
+                if val_images and is_main and due:
+                    f1, _ = evaluate_stream(model, config.stream, val_images, thresholds)
+                    history.val_f1.append((epoch + 1, f1))
+                    if f1 > best_f1:
+                        best_f1, history.best_epoch, history.best_f1 = f1, epoch + 1, f1
+                        best_state = _model_state(model)
+                if on_epoch is not None and is_main:
+                    on_epoch(epoch, history)
+            if stop:
+                history.stopped_early = True
+                break
+            save(position)
+    finally:
+        bar.close()
+
+    history.patches_per_second = session_patches / max(time.perf_counter() - started, 1e-9)
+    if ddp.active:
+        for buffer in model.buffers():  # BatchNorm statistics: every rank takes rank 0's
+            torch.distributed.broadcast(buffer.data, src=0)
+    last_state = None
+    if val_images and is_main:
+        if best_state is None:  # no validation ran yet (a short budget): score the last weights
+            f1, _ = evaluate_stream(model, config.stream, val_images, thresholds)
+            history.val_f1.append((history.epochs, f1))
+            best_f1, history.best_epoch, history.best_f1 = f1, history.epochs, f1
+            best_state = _model_state(model)
+        last_state = _model_state(model)
+        model.load_state_dict(best_state)
+        if tune_thresholds:
+            history.best_f1, thresholds = evaluate_stream(
+                model, config.stream, val_images, _threshold_grid(config.stream)
+            )
+    history.thresholds = dict(thresholds)
+    if last_state is not None:  # the resume state continues from the last weights, not the best
+        best_state, current = _model_state(model), model.state_dict()
+        model.load_state_dict(last_state)
+        save(position)
+        model.load_state_dict(current)
+    else:
+        save(position)
+    if ddp.initialised_here:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    model.eval()
+    return model, history

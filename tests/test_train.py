@@ -1,0 +1,247 @@
+"""The training loop: presets, checkpoints, resume equivalence, fine-tuning, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cellseg_lite import CellSegError, synthetic, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    synthetic.make_dataset(root, 2, size=(96, 96), seed=3, categories=(0, 1, 3))
+    return root
+
+
+def fast(**changes):
+    return train.preset("fast", augment=False, patch_size=64, **changes)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_follow_the_paper_and_the_cpu_budget():
+    paper = train.preset("paper")
+    assert (paper.backbone, paper.patch_size, paper.batch_size) == ("convnext_small", 512, 16)
+    assert (paper.lr, paper.epochs, paper.lr_milestones, paper.lr_gamma) == (
+        1e-4,
+        800,
+        (0.25,),
+        0.5,
+    )
+    assert paper.pretrained and paper.minutes is None
+    lite = train.preset("lite")
+    assert lite.backbone == "convnext_atto" and lite.minutes is not None
+    assert train.preset("lite", stream="hover").stream == "hover"
+    assert train.preset("fast").pretrained is False
+
+
+def test_default_preset_follows_fast_mode(monkeypatch):
+    monkeypatch.setenv("CELLSEG_FAST", "1")
+    assert train.default_preset() == "fast"
+    monkeypatch.setenv("CELLSEG_FAST", "0")
+    assert train.default_preset() == ("paper" if torch.cuda.is_available() else "lite")
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"stream": "unet"}, "stream: expected one of"),
+        ({"batch_size": 0}, "batch_size: expected an integer >= 1"),
+        ({"patch_size": 16}, "patch_size: expected at least 32"),
+        ({"lr": -1.0}, "lr: expected a positive number"),
+        ({"minutes": 0}, "minutes: expected a positive number"),
+        ({"lr_milestones": (1.5,)}, "lr_milestones: expected fractions"),
+        ({"loss": "focal"}, "loss: expected 'paper' or 'code'"),
+        ({"learning_rate": 1.0}, "unknown setting"),
+    ],
+)
+def test_bad_settings_are_refused(changes, match):
+    with pytest.raises(CellSegError, match=match):
+        train.preset("fast", **changes)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(CellSegError, match="preset: expected one of"):
+        train.preset("huge")
+
+
+def test_learning_rate_schedule_warms_up_and_halves():
+    config = fast(lr=1e-3, warmup_steps=10, lr_milestones=(0.25, 0.5), lr_gamma=0.5)
+    assert train._learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
+    assert train._learning_rate(config, 20, 0.1) == pytest.approx(1e-3)
+    assert train._learning_rate(config, 20, 0.3) == pytest.approx(5e-4)
+    assert train._learning_rate(config, 20, 0.9) == pytest.approx(2.5e-4)
+
+
+# --------------------------------------------------------------------------- targets in the data set
+
+
+@pytest.mark.parametrize("stream", train.STREAMS)
+def test_stream_dataset_computes_targets_of_the_augmented_patch(tiny_data, stream):
+    from cellseg_lite import datasets
+    from cellseg_lite.streams import hover, stardist
+
+    patches = datasets.PatchDataset(datasets.find_pairs(tiny_data), 64, seed=1)
+    item = train.StreamDataset(patches, stream, n_rays=8)[2]
+    labels = item["labels"].numpy()
+    if stream == "stardist":
+        prob, dist = stardist.targets(labels, n_rays=8)
+        assert torch.equal(item["prob"][0], torch.from_numpy(prob))
+        assert torch.equal(item["dist"], torch.from_numpy(dist))
+    else:
+        foreground, hv = hover.targets(labels)
+        assert torch.equal(item["foreground"], torch.from_numpy(foreground))
+        assert torch.equal(item["hv"], torch.from_numpy(hv))
+
+
+# --------------------------------------------------------------------------- the loop and checkpoints
+
+
+@pytest.mark.parametrize("stream", train.STREAMS)
+def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_data, tmp_path, stream):
+    out = tmp_path / "model.pt"
+    config = fast(stream=stream, epochs=6, patches_per_image=2, lr=2e-3)
+    model, history = train.train_stream(tiny_data, config, out=out, categories=[1], progress=False)
+    assert history.steps == 6 * 3 and len(history.epoch_loss) == 6
+    assert history.epoch_loss[-1] < history.epoch_loss[0]
+    assert not model.training
+    loaded = train.load_checkpoint(out)
+    assert loaded.stream == stream and loaded.config == config and loaded.categories == (1,)
+    assert loaded.version and loaded.resume["epoch"] == 6
+    assert same_weights(loaded.model.state_dict(), model.state_dict())
+
+
+def test_resume_continues_the_same_run(tiny_data, tmp_path):
+    config = fast(epochs=3)
+    straight, _ = train.train_stream(tiny_data, config, progress=False)
+    out = tmp_path / "run.pt"
+    _, first = train.train_stream(tiny_data, config, out=out, steps=4, progress=False)
+    assert first.stopped_early and first.steps == 4
+    resumed, history = train.train_stream(tiny_data, config, out=out, resume=out, progress=False)
+    assert history.steps == 3 * 2 and history.epochs == 3
+    assert same_weights(straight.state_dict(), resumed.state_dict())
+
+
+def test_time_budget_stops_and_can_be_resumed(tiny_data, tmp_path):
+    out = tmp_path / "budget.pt"
+    config = fast(epochs=1000, minutes=0.05)
+    _, history = train.train_stream(tiny_data, config, out=out, progress=False)
+    assert history.stopped_early and 0 < history.epochs < 1000
+    assert train.load_checkpoint(out).resume["elapsed"] >= 3.0
+
+
+def test_validation_keeps_the_best_epoch_and_tunes_the_threshold(tiny_data, tmp_path):
+    from cellseg_lite import datasets
+
+    samples = datasets.find_pairs(tiny_data)
+    out = tmp_path / "val.pt"
+    model, history = train.train_stream(
+        samples[:4], fast(epochs=2), val=samples[4:], out=out, progress=False
+    )
+    assert [e for e, _ in history.val_f1][:2] == [1, 2]
+    assert history.best_epoch in (1, 2)
+    assert "prob_thresh" in history.thresholds
+    assert train.load_checkpoint(out).thresholds == history.thresholds
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(tiny_data, tmp_path):
+    pre = tmp_path / "pre.pt"
+    pretrained, _ = train.train_stream(tiny_data, fast(epochs=1), out=pre, progress=False)
+    config = fast(epochs=1, lr=1e-12, weight_decay=0.0)  # a step that barely moves the weights
+    tuned, _ = train.train_stream(tiny_data, config, init=pre, categories=[0], progress=False)
+    for (name, a), b in zip(
+        pretrained.state_dict().items(), tuned.state_dict().values(), strict=True
+    ):
+        if a.is_floating_point() and "running" not in name:
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_checkpoint_of_another_backbone_is_refused(tiny_data, tmp_path):
+    pre = tmp_path / "atto.pt"
+    train.train_stream(tiny_data, fast(epochs=1), out=pre, progress=False)
+    other = fast(epochs=1, backbone="convnext_femto")
+    with pytest.raises(CellSegError, match="trained with backbone='convnext_atto'.*convnext_femto"):
+        train.train_stream(tiny_data, other, init=pre, progress=False)
+    with pytest.raises(CellSegError, match="trained with backbone='convnext_atto'"):
+        train.load_checkpoint(pre, expect=other)
+    with pytest.raises(CellSegError, match="trained with stream='stardist'"):
+        train.load_checkpoint(pre, expect=fast(stream="hover"))
+
+
+def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CellSegError, match="model checkpoint not found"):
+        train.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CellSegError, match="truncated or corrupt"):
+        train.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(CellSegError, match="not a cellseg-lite stream checkpoint"):
+        train.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_bad_arguments_are_refused(tiny_data, tmp_path):
+    with pytest.raises(CellSegError, match="config: expected a TrainConfig"):
+        train.train_stream(tiny_data, {"epochs": 1}, progress=False)
+    with pytest.raises(CellSegError, match="steps: expected a positive integer"):
+        train.train_stream(tiny_data, fast(), steps=0, progress=False)
+    with pytest.raises(CellSegError, match="give one of them"):
+        train.train_stream(tiny_data, fast(), init="a.pt", resume="b.pt", progress=False)
+    with pytest.raises(CellSegError, match="no process group"):
+        train.train_stream(tiny_data, fast(), distributed=True, progress=False)
+    with pytest.raises(CellSegError, match="data folder not found"):
+        train.train_stream(tmp_path / "nowhere", fast(), progress=False)
+
+
+# --------------------------------------------------------------------------- DistributedDataParallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tiny_data, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, torch
+            torch.set_num_threads(1)
+            from cellseg_lite import train
+            config = train.preset("fast", augment=False, patch_size=64, epochs=2)
+            model, history = train.train_stream({str(tiny_data)!r}, config, progress=False)
+            rank = int(os.environ["RANK"])
+            torch.save({{"state": model.state_dict(), "steps": history.steps}},
+                       {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+            """
+        )
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert (
+        ranks[0]["steps"] == ranks[1]["steps"] == 2
+    )  # 6 patches, 3 per rank: one batch of 3 each epoch
+    assert same_weights(ranks[0]["state"], ranks[1]["state"])
+    single, _ = train.train_stream(tiny_data, fast(epochs=2), progress=False)
+    assert not same_weights(single.state_dict(), ranks[0]["state"])  # the ranks did share the work
