@@ -65,7 +65,9 @@ __all__ = [
     "TrainingHistory",
     "balanced_sample_weights",
     "build_router",
+    "checkpoint_dict",
     "class_weights",
+    "from_checkpoint_dict",
     "load_router",
     "predict",
     "predict_batch",
@@ -722,15 +724,14 @@ def train_router(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_router(path: str | os.PathLike, router: Router) -> None:
-    """Write ``router`` to one file, atomically: weights, preprocessing, class names, training
-    settings and the package version, in plain types that ``torch.load(weights_only=True)`` reads."""
+def checkpoint_dict(router: Router) -> dict:
+    """``router`` as the plain dict that :func:`save_router` writes (and the multi-stream
+    segmenter embeds in its own file)."""
     from cellseg_lite import __version__
-    from cellseg_lite.io import atomic_write
 
     if not isinstance(router, Router):
         raise CellSegError(f"router: expected a router.Router, got {type(router).__name__}")
-    checkpoint = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "layout": _CHECKPOINT_LAYOUT,
         "version": __version__,
@@ -742,6 +743,14 @@ def save_router(path: str | os.PathLike, router: Router) -> None:
         "channel_rule": router.channel_rule,
         "training": router.training,
     }
+
+
+def save_router(path: str | os.PathLike, router: Router) -> None:
+    """Write ``router`` to one file, atomically: weights, preprocessing, class names, training
+    settings and the package version, in plain types that ``torch.load(weights_only=True)`` reads."""
+    from cellseg_lite.io import atomic_write
+
+    checkpoint = checkpoint_dict(router)
     with atomic_write(path) as fh:
         torch.save(checkpoint, fh)
 
@@ -759,6 +768,16 @@ def load_router(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
             f"{where(path)}: cannot be read as a checkpoint; is it truncated or corrupt? "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from err
+    return from_checkpoint_dict(checkpoint, device=device, source=path)
+
+
+def from_checkpoint_dict(
+    checkpoint: dict, *, device: str | torch.device = "cpu", source=None
+) -> Router:
+    """The :class:`Router` of a :func:`checkpoint_dict`; foreign or damaged dicts raise a CellSegError
+    naming ``source``."""
+    device = _resolve_device(device)
+    path = source
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CellSegError(f"{where(path)}: is not a cellseg-lite router checkpoint")
     if checkpoint.get("layout") != _CHECKPOINT_LAYOUT:
