@@ -33,8 +33,8 @@ Where this rebuild and the authors' code (their ``train_convnext_stardist.py``) 
   (``padding_mode="edge"``), which also stretches the cells on the border of the
   labels; here zoom-out pads with zeros (image) and background (labels). The
   image is resampled bilinearly with antialiasing (the code: ``"area"``).
-- noise: MONAI 1.3 and later draw the std of each noise image uniformly from
-  ``[0, std]`` (``sample_std=True``); the MONAI of 2022 used the std as given, as here.
+- noise: recent MONAI versions draw the std of each noise image uniformly from
+  ``[0, std]`` (``sample_std=True``); versions before that option used the std as given, as here.
 
 Trap (paper notes, section 11): StarDist targets must be computed *after* these
 geometric augmentations, because a flip or a quarter turn permutes the ray channels
