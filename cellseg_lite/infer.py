@@ -1,0 +1,695 @@
+"""Inference on images of any size: sliding windows blended without seams, in bounded memory.
+
+A network trained on 512 x 512 patches segments a 10,000-pixel whole-slide image tile by tile.
+:func:`sliding_window` cuts the image into overlapping tiles (512 pixels, step 384, the authors'
+StarDist setting), predicts them in batches and blends the overlaps with a Gaussian weight per
+tile, so that no seam shows where tiles meet (nnU-Net's recipe, Isensee et al., Nature Methods
+2021). :func:`model_predictor` turns a stream's network into the ``predict`` function it needs;
+:func:`stardist_maps` and :func:`hover_maps` give each stream's maps of a whole image.
+
+The authors' code keeps the whole image's 33-channel StarDist map in memory: 11.7 GB of float32
+for the 10496 x 8415 tuning image. :func:`stardist_instances_tiled` keeps one block's map at a
+time instead: every block of the image is predicted with the tiles of the whole image's tile
+grid, reduced at once to its sparse NMS candidates, and only then are all candidates suppressed
+and drawn together; the labels equal those of the full map.
+
+Contents, in reading order: tile positions and weights (:func:`tile_starts`,
+:func:`blend_window`), :func:`sliding_window`, the model helpers, and the tiled StarDist
+post-processing (:func:`stardist_candidates_tiled`, :func:`stardist_instances_tiled`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from cellseg_lite._checks import as_image
+from cellseg_lite._errors import CellSegError
+from cellseg_lite.streams import stardist as sd
+
+__all__ = [
+    "BLENDS",
+    "GAUSSIAN_SIGMA",
+    "OUTPUTS",
+    "PAD_MODES",
+    "HoverMaps",
+    "StarDistMaps",
+    "blend_window",
+    "hover_maps",
+    "model_predictor",
+    "sliding_window",
+    "stardist_candidates_tiled",
+    "stardist_instances_tiled",
+    "stardist_maps",
+    "tile_starts",
+]
+
+#: Tile weights of :func:`sliding_window`: a Gaussian bump (seamless) or flat (a plain mean).
+BLENDS = ("gaussian", "mean")
+#: Padding of images smaller than a tile: mirror (falls back to ``"edge"`` where the image is too
+#: small to mirror once), repeat the border pixels, or zeros.
+PAD_MODES = ("reflect", "edge", "constant")
+#: Standard deviation of the Gaussian tile weight, as a fraction of the tile size (nnU-Net's and
+#: MONAI's 1/8): the weight at a tile's edge is exp(-8) = 3e-4 of its centre's, never 0.
+GAUSSIAN_SIGMA = 1 / 8
+#: How :func:`model_predictor` turns a model's output into channels (see there).
+OUTPUTS = ("auto", "concat", "hover")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_int(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise CellSegError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_tiling(tile, stride) -> tuple[int, int]:
+    tile = _check_int(tile, "tile")
+    stride = _check_int(stride, "stride")
+    if stride > tile:
+        raise CellSegError(
+            f"stride: a step of {stride} is larger than the tile ({tile}), which would leave "
+            "pixels between tiles unpredicted; use stride <= tile"
+        )
+    return tile, stride
+
+
+def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise CellSegError(
+            f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
+    return value
+
+
+def _check_predict(predict) -> None:
+    if not callable(predict):
+        raise CellSegError(
+            f"predict: expected a function from (B, C, tile, tile) tensors to (B, K, tile, tile) "
+            f"maps, got {type(predict).__name__} (wrap a network with infer.model_predictor)"
+        )
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise CellSegError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """First pixels of the tiles along one axis of ``length >= tile`` pixels: every ``stride``,
+    the last tile shifted back to end exactly at the border (no padding beyond the image).
+
+    >>> tile_starts(1000, 512, 384)
+    [0, 384, 488]
+    """
+    tile, stride = _check_tiling(tile, stride)
+    length = _check_int(length, "length")
+    if length < tile:
+        raise CellSegError(f"length: {length} is shorter than the tile ({tile}); pad first")
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_window(tile: int, blend: str = "gaussian") -> np.ndarray:
+    """``(tile, tile)`` float32 weight of one tile's prediction where tiles overlap.
+
+    ``"gaussian"``: separable, ``exp(-d^2 / (2 s^2))`` with ``s = tile / 8`` around the tile's
+    centre (scipy's Gaussian window), largest at the centre where the network sees the most
+    context, and never 0, so every pixel has weight; ``"mean"``: all ones.
+    """
+    tile = _check_int(tile, "tile")
+    _check_choice(blend, "blend", BLENDS)
+    if blend == "mean":
+        return np.ones((tile, tile), np.float32)
+    from scipy.signal.windows import gaussian
+
+    line = gaussian(tile, std=GAUSSIAN_SIGMA * tile)
+    return np.outer(line, line).astype(np.float32)
+
+
+class _Tiling(NamedTuple):
+    """An image ready for tiling: ``padded (H', W', C)`` with ``H' >= tile``, ``W' >= tile``, the
+    original ``height`` and ``width``, and the tile grid ``ys`` x ``xs`` of ``padded``."""
+
+    padded: np.ndarray
+    height: int
+    width: int
+    ys: list[int]
+    xs: list[int]
+
+
+def _pad_width(size: int, tile: int, pad_mode: str) -> tuple[int, str]:
+    pad = max(tile - size, 0)
+    if pad_mode == "reflect" and pad > size - 1:  # one mirror image is not enough
+        return pad, "edge"
+    return pad, pad_mode
+
+
+def _tiling(image, tile: int, stride: int, pad_mode: str) -> _Tiling:
+    """Check ``image`` ((H, W) or (H, W, C)), pad it at the bottom and right to at least one tile
+    where it is smaller, and lay out the tile grid."""
+    image = as_image(image, "image")
+    if image.ndim == 2:
+        image = image[..., None]
+    height, width = image.shape[:2]
+    padded = image
+    for axis, size in ((0, height), (1, width)):
+        pad, mode = _pad_width(size, tile, pad_mode)
+        if pad:
+            widths = [(0, 0)] * 3
+            widths[axis] = (0, pad)
+            padded = np.pad(padded, widths, mode=mode)
+    ys = tile_starts(padded.shape[0], tile, stride)
+    xs = tile_starts(padded.shape[1], tile, stride)
+    return _Tiling(padded, height, width, ys, xs)
+
+
+class _Predictor:
+    """Calls ``predict`` on batches of tiles and checks what comes back: ``(B, K, tile, tile)``
+    with the same K every time (read from the first call), returned as float32 numpy."""
+
+    def __init__(self, predict: Callable, tile: int):
+        self.predict = predict
+        self.tile = tile
+        self.channels: int | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
+        with torch.inference_mode():
+            out = self.predict(inputs)
+        if isinstance(out, tuple | list):
+            raise CellSegError(
+                f"predict: returned a {type(out).__name__} of {len(out)} outputs, expected one "
+                "(B, K, tile, tile) array; wrap the network with infer.model_predictor, which "
+                "joins a stream's outputs along the channels"
+            )
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().numpy()
+        try:
+            out = np.asarray(out, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise CellSegError(f"predict: returned something that is not an array ({err})") from err
+        expected = (len(batch), "K", self.tile, self.tile)
+        if out.ndim != 4:
+            raise CellSegError(
+                f"predict: expected a (B, K, tile, tile) = {expected} array, got shape {out.shape}"
+            )
+        if out.shape[0] != len(batch) or out.shape[2:] != (self.tile, self.tile):
+            raise CellSegError(
+                f"predict: a batch of {len(batch)} tiles of {self.tile} x {self.tile} gave shape "
+                f"{out.shape}, expected {expected}"
+            )
+        if out.shape[1] < 1:
+            raise CellSegError(f"predict: returned no channels (shape {out.shape})")
+        if self.channels is None:
+            self.channels = out.shape[1]
+        elif out.shape[1] != self.channels:
+            raise CellSegError(
+                f"predict: returned {out.shape[1]} channels, but {self.channels} on its first call"
+            )
+        return out
+
+
+def _blend(
+    predictor: _Predictor,
+    image: np.ndarray,
+    ys: list[int],
+    xs: list[int],
+    window: tuple[int, int, int, int],
+    weight: np.ndarray,
+    batch_size: int,
+    bar=None,
+) -> np.ndarray:
+    """The blended maps ``(K, r1 - r0, c1 - c0)`` of ``window = (r0, r1, c0, c1)`` of ``image``.
+
+    Every tile of the grid ``ys`` x ``xs`` that overlaps the window is predicted (in batches, in
+    row-major order) and its weighted prediction added inside the window only; the sums are then
+    divided by the summed weights. A pixel thus receives the same tiles, in the same order, with
+    the same weights whatever the window, so that blocks of an image get bit-identical values to
+    the whole image's map.
+    """
+    r0, r1, c0, c1 = window
+    tile = predictor.tile
+    wanted_y = [y for y in ys if y < r1 and y + tile > r0]
+    wanted_x = [x for x in xs if x < c1 and x + tile > c0]
+    positions = [(y, x) for y in wanted_y for x in wanted_x]
+    total = np.zeros((r1 - r0, c1 - c0), np.float32)
+    out = None
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        batch = np.stack([image[y : y + tile, x : x + tile] for y, x in chunk])
+        pred = predictor(batch)
+        if out is None:
+            out = np.zeros((pred.shape[1], r1 - r0, c1 - c0), np.float32)
+        for (y, x), tile_pred in zip(chunk, pred, strict=True):
+            # the part of this tile inside the window, in window and in tile coordinates
+            wy0, wy1 = max(y, r0) - r0, min(y + tile, r1) - r0
+            wx0, wx1 = max(x, c0) - c0, min(x + tile, c1) - c0
+            ty0, tx0 = wy0 + r0 - y, wx0 + c0 - x
+            ty1, tx1 = ty0 + wy1 - wy0, tx0 + wx1 - wx0
+            w = weight[ty0:ty1, tx0:tx1]
+            out[:, wy0:wy1, wx0:wx1] += tile_pred[:, ty0:ty1, tx0:tx1] * w
+            total[wy0:wy1, wx0:wx1] += w
+        if bar is not None:
+            bar.update(len(chunk))
+    out /= total
+    return out
+
+
+def _progress(total: int, enabled: bool, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+
+
+def sliding_window(
+    predict: Callable,
+    image: np.ndarray,
+    tile: int = 512,
+    stride: int = 384,
+    *,
+    batch_size: int = 4,
+    blend: str = "gaussian",
+    pad_mode: str = "reflect",
+    progress: bool = False,
+) -> np.ndarray:
+    """Predict an image of any size tile by tile: ``(K, H, W)`` float32 maps of ``image (H, W, C)``
+    (or ``(H, W)``, one channel).
+
+    Tiles of ``tile x tile`` pixels every ``stride`` pixels (the last row and column of tiles
+    shifted back to end at the border) reach ``predict`` in batches of ``batch_size`` as float32
+    tensors ``(B, C, tile, tile)`` with the pixel values unchanged (normalising is the caller's
+    job), under ``torch.inference_mode``; ``predict`` returns ``(B, K, tile, tile)`` (tensor or
+    array; K is read from its first call). Overlaps are averaged with the weights of
+    :func:`blend_window` (``blend``). An image smaller than a tile is padded at the bottom and
+    right (``pad_mode``, see :data:`PAD_MODES`) and the maps are cropped back.
+
+    >>> image = np.random.default_rng(0).random((100, 70, 3), dtype=np.float32)
+    >>> maps = sliding_window(lambda x: x, image, tile=64, stride=48)
+    >>> maps.shape, bool(np.allclose(maps, image.transpose(2, 0, 1), atol=1e-5))
+    ((3, 100, 70), True)
+    """
+    _check_predict(predict)
+    tile, stride = _check_tiling(tile, stride)
+    batch_size = _check_int(batch_size, "batch_size")
+    weight = blend_window(tile, blend)
+    _check_choice(pad_mode, "pad_mode", PAD_MODES)
+    layout = _tiling(image, tile, stride, pad_mode)
+    predictor = _Predictor(predict, tile)
+    with _progress(len(layout.ys) * len(layout.xs), progress, "sliding window", "tile") as bar:
+        return _blend(
+            predictor,
+            layout.padded,
+            layout.ys,
+            layout.xs,
+            (0, layout.height, 0, layout.width),
+            weight,
+            batch_size,
+            bar,
+        )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _combine_outputs(out, outputs) -> torch.Tensor:
+    """One ``(B, K, H, W)`` tensor from a model's output (see :func:`model_predictor`)."""
+    if callable(outputs):
+        out = outputs(out)
+    elif outputs == "hover" or (outputs == "auto" and isinstance(out, _hover().HoverOutput)):
+        cp, hv = out
+        out = torch.cat([torch.softmax(cp.float(), dim=1)[:, 1:2], hv.float()], dim=1)
+    elif isinstance(out, tuple | list):
+        out = torch.cat([o.float() for o in out], dim=1)
+    if not isinstance(out, torch.Tensor):
+        raise CellSegError(
+            f"outputs: the model's output became a {type(out).__name__}, expected a tensor"
+        )
+    return out
+
+
+def _hover():
+    from cellseg_lite.streams import hover
+
+    return hover
+
+
+def model_predictor(
+    model: torch.nn.Module,
+    *,
+    device=None,
+    amp: bool | None = None,
+    channels_last: bool = True,
+    outputs: str | Callable = "auto",
+) -> Callable[[torch.Tensor], np.ndarray]:
+    """A ``predict`` function for :func:`sliding_window` from a network: ``(B, 3, h, w)`` tiles
+    to ``(B, K, h, w)`` float32 numpy maps.
+
+    The model is put in eval mode, moved to ``device`` (default: where its parameters are) and
+    converted to ``channels_last`` memory layout, all in place. Tiles are moved to the device and
+    run under ``torch.inference_mode``, with autocast when ``amp`` (default: on CUDA only;
+    bfloat16 where the GPU supports it, else float16; bfloat16 on CPU). ``outputs`` joins the
+    model's outputs into channels: ``"auto"`` treats a HoVer output as ``"hover"`` and any other
+    tuple as ``"concat"``; ``"concat"`` concatenates a tuple's tensors along the channels
+    (``ConvNeXtStarDist``: ``(prob, dist)``, 1 + R channels); ``"hover"`` gives
+    ``(softmax(cp)[:, 1:2], hv)``, 3 channels (foreground probability, horizontal, vertical); a
+    callable maps the output to one tensor itself.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CellSegError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not callable(outputs):
+        _check_choice(outputs, "outputs", OUTPUTS)
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CellSegError(f"device: cannot use {device!r} ({err})") from err
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        amp_dtype = torch.bfloat16
+    else:
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    model.eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=memory_format)
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp):
+            out = _combine_outputs(model(x), outputs)
+        return out.float().cpu().numpy()
+
+    return predict
+
+
+class StarDistMaps(NamedTuple):
+    """What :func:`stardist_maps` returns: ``prob (H, W)`` in [0, 1] and ``dist (R, H, W)``."""
+
+    prob: np.ndarray
+    dist: np.ndarray
+
+
+class HoverMaps(NamedTuple):
+    """What :func:`hover_maps` returns: ``foreground_prob (H, W)`` in [0, 1] and ``hv (2, H, W)``
+    (channel 0 horizontal, 1 vertical)."""
+
+    foreground_prob: np.ndarray
+    hv: np.ndarray
+
+
+def _network_input(image) -> np.ndarray:
+    """Check the networks' input: ``(H, W, 3)`` floats in [0, 1]."""
+    image = as_image(image, "image")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CellSegError(
+            f"image: expected the network input (H, W, 3), got shape {image.shape} "
+            "(use io.normalize_image(raw) / 255)"
+        )
+    if not np.issubdtype(image.dtype, np.floating):
+        raise CellSegError(
+            f"image: expected floats in [0, 1], got dtype {image.dtype} "
+            "(use io.normalize_image(raw) / 255)"
+        )
+    low, high = float(image.min()), float(image.max())
+    if not (0 <= low and high <= 1):  # also refuses NaN
+        raise CellSegError(
+            f"image: expected values in [0, 1], found [{low:g}, {high:g}] "
+            "(use io.normalize_image(raw) / 255)"
+        )
+    return image
+
+
+def stardist_maps(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    stride: int = 384,
+    batch_size: int = 4,
+    device=None,
+    amp: bool | None = None,
+    blend: str = "gaussian",
+    progress: bool = False,
+) -> StarDistMaps:
+    """A StarDist network's maps of a whole image: ``prob (H, W)`` and ``dist (R, H, W)``.
+
+    ``image`` is already the network input: ``(H, W, 3)`` float32 in [0, 1], that is
+    ``io.normalize_image(raw) / 255``. Tiles of 512 every 384 pixels, as the authors' code; see
+    :func:`sliding_window` and :func:`model_predictor`. The maps take ``(1 + R) x H x W x 4``
+    bytes; for whole-slide images use :func:`stardist_instances_tiled`.
+    """
+    predict = model_predictor(model, device=device, amp=amp)
+    maps = sliding_window(
+        predict,
+        _network_input(image),
+        tile,
+        stride,
+        batch_size=batch_size,
+        blend=blend,
+        progress=progress,
+    )
+    return StarDistMaps(maps[0], maps[1:])
+
+
+def hover_maps(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    stride: int = 256,
+    batch_size: int = 4,
+    device=None,
+    amp: bool | None = None,
+    blend: str = "gaussian",
+    progress: bool = False,
+) -> HoverMaps:
+    """A HoVer network's maps of a whole image: ``foreground_prob (H, W)`` (softmax of the CP
+    logits, cell channel) and ``hv (2, H, W)``, blended after the softmax.
+
+    ``image`` is already the network input: ``(H, W, 3)`` float32 in [0, 1], that is
+    ``io.normalize_image(raw) / 255``. Tiles of 512 every 256 pixels, as the authors' HoVer code.
+    """
+    predict = model_predictor(model, device=device, amp=amp, outputs="hover")
+    maps = sliding_window(
+        predict,
+        _network_input(image),
+        tile,
+        stride,
+        batch_size=batch_size,
+        blend=blend,
+        progress=progress,
+    )
+    return HoverMaps(maps[0], maps[1:])
+
+
+# --------------------------------------------------------------------------- StarDist, tiled
+
+_INSTANCE_KWARGS = ("border", "max_candidates", "keep_fraction", "min_dist", "method")
+
+
+def _instance_settings(kwargs: dict) -> dict:
+    unknown = sorted(set(kwargs) - set(_INSTANCE_KWARGS))
+    if unknown:
+        raise CellSegError(
+            f"{unknown[0]}: not a setting of the tiled StarDist post-processing; expected "
+            f"candidate_stride or one of {', '.join(_INSTANCE_KWARGS)}"
+        )
+    settings = {
+        "border": sd.NMS_BORDER,
+        "max_candidates": None,
+        "keep_fraction": sd.CODE_KEEP_FRACTION,
+        "min_dist": sd.MIN_DIST,
+        "method": "star",
+    }
+    settings.update(kwargs)
+    settings["border"] = _check_int(settings["border"], "border", 0)
+    return settings
+
+
+def stardist_candidates_tiled(
+    predict: Callable,
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    stride: int = 384,
+    block: int = 2048,
+    context: int | None = None,
+    prob_thresh: float = 0.5,
+    candidate_stride: int = sd.DEFAULT_STRIDE,
+    batch_size: int = 4,
+    blend: str = "gaussian",
+    pad_mode: str = "reflect",
+    progress: bool = False,
+    **instances_kwargs,
+) -> sd.Polygons:
+    """The NMS candidates of a whole image, found block by block: the first half of
+    :func:`stardist_instances_tiled` (see there), unsorted by probability.
+
+    Returns :class:`~cellseg_lite.streams.stardist.Polygons` with ``points`` in the image's
+    coordinates, in the order :func:`~cellseg_lite.streams.stardist.select_candidates` would give
+    them on the whole map.
+    """
+    _check_predict(predict)
+    tile, stride = _check_tiling(tile, stride)
+    batch_size = _check_int(batch_size, "batch_size")
+    candidate_stride = _check_int(candidate_stride, "candidate_stride")
+    block = _check_int(block, "block")
+    if context is not None:
+        context = _check_int(context, "context", 0)
+    weight = blend_window(tile, blend)
+    _check_choice(pad_mode, "pad_mode", PAD_MODES)
+    settings = _instance_settings(instances_kwargs)
+    select = {
+        "stride": candidate_stride,
+        "border": 0,  # the image's border is masked below; a block's edge is no border
+        "max_candidates": settings["max_candidates"],
+        "keep_fraction": settings["keep_fraction"],
+        "min_dist": settings["min_dist"],
+    }
+    # every setting checked now, by stardist's own checks on a 1-pixel map, not after an hour
+    sd.select_candidates(np.zeros((1, 1)), np.zeros((3, 1, 1)), prob_thresh, **select)
+
+    layout = _tiling(image, tile, stride, pad_mode)
+    height, width, border = layout.height, layout.width, settings["border"]
+    # block cores on the candidate grid, so that every stride x stride cell lies in one block
+    block = max(block // candidate_stride, 1) * candidate_stride
+    cores = [
+        (r0, min(r0 + block, height), c0, min(c0 + block, width))
+        for r0 in range(0, height, block)
+        for c0 in range(0, width, block)
+    ]
+    predictor = _Predictor(predict, tile)
+    found = []
+    with _progress(len(cores), progress, "StarDist", "block") as bar:
+        for r0, r1, c0, c1 in cores:
+            if context is None:  # the whole image's tiles: the full map's values, exactly
+                window = (r0, r1, c0, c1)
+                maps = _blend(
+                    predictor, layout.padded, layout.ys, layout.xs, window, weight, batch_size
+                )
+            else:  # a crop of `context` pixels around the core, tiled on its own
+                y0, y1 = _crop_range(r0, r1, context, layout.padded.shape[0], tile)
+                x0, x1 = _crop_range(c0, c1, context, layout.padded.shape[1], tile)
+                maps = _blend(
+                    predictor,
+                    layout.padded[y0:y1, x0:x1],
+                    tile_starts(y1 - y0, tile, stride),
+                    tile_starts(x1 - x0, tile, stride),
+                    (r0 - y0, r1 - y0, c0 - x0, c1 - x0),
+                    weight,
+                    batch_size,
+                )
+            if maps.shape[0] < 4:
+                raise CellSegError(
+                    f"predict: returned {maps.shape[0]} channels; StarDist needs 1 + R "
+                    "(probability, then R >= 3 distances)"
+                )
+            prob = maps[0]
+            # candidates keep `border` pixels away from the image's border (stardist's b=2)
+            prob[: max(border - r0, 0)] = 0
+            prob[max(height - border - r0, 0) :] = 0
+            prob[:, : max(border - c0, 0)] = 0
+            prob[:, max(width - border - c0, 0) :] = 0
+            polygons = sd.select_candidates(prob, maps[1:], prob_thresh, **select)
+            del maps, prob
+            found.append(polygons._replace(points=polygons.points + np.array([r0, c0])))
+            bar.update(1)
+            bar.set_postfix(candidates=sum(len(p.points) for p in found))
+    points = np.concatenate([p.points for p in found])
+    # the whole map's order: row-major over the candidate grid's cells (NMS breaks ties by it)
+    cells_across = -(-width // candidate_stride)
+    key = (points[:, 0] // candidate_stride) * cells_across + points[:, 1] // candidate_stride
+    order = np.argsort(key, kind="stable")
+    return sd.Polygons(
+        points[order],
+        np.concatenate([p.prob for p in found])[order],
+        np.concatenate([p.dist for p in found])[order],
+    )
+
+
+def _crop_range(start: int, stop: int, context: int, size: int, tile: int) -> tuple[int, int]:
+    """``[start - context, stop + context)`` clipped to ``[0, size)``, widened to a tile."""
+    low, high = max(start - context, 0), min(stop + context, size)
+    if high - low < tile:
+        high = min(low + tile, size)
+        low = max(high - tile, 0)
+    return low, high
+
+
+def stardist_instances_tiled(
+    predict: Callable,
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    stride: int = 384,
+    block: int = 2048,
+    context: int | None = None,
+    prob_thresh: float = 0.5,
+    nms_thresh: float = 0.4,
+    candidate_stride: int = sd.DEFAULT_STRIDE,
+    batch_size: int = 4,
+    blend: str = "gaussian",
+    pad_mode: str = "reflect",
+    progress: bool = False,
+    **instances_kwargs,
+) -> np.ndarray:
+    """StarDist instance labels ``(H, W)`` int32 of an image of any size, in bounded memory.
+
+    The image is cut into ``block x block`` cores (rounded down to a multiple of
+    ``candidate_stride``). Each core's maps are predicted by :func:`sliding_window`'s rules
+    (``predict`` returns ``(B, 1 + R, tile, tile)``: probability, then R distances, e.g.
+    :func:`model_predictor` of a ``ConvNeXtStarDist``), and reduced at once to the NMS candidates
+    centred in the core (:func:`~cellseg_lite.streams.stardist.select_candidates`, ``prob_thresh``,
+    ``candidate_stride``); then one NMS over all candidates (``nms_thresh``) and one rendering
+    into the labels. Memory: one block's ``(1 + R) x block^2`` float32 map (0.55 GB at 2048 and
+    R = 32), the candidates and the labels; never the whole image's map.
+
+    ``context=None`` predicts each core with the whole image's tile grid (every tile that overlaps
+    the core; tiles across a core's edge are predicted once for each core they touch), so the
+    maps, and for a ``predict`` that treats each tile alone the labels, equal
+    ``stardist.instances(*sliding_window(...))`` exactly, for any ``block``. An integer
+    ``context`` tiles a crop of that many pixels around each core on its own instead.
+
+    ``instances_kwargs``: ``border``, ``max_candidates``, ``keep_fraction``, ``min_dist``,
+    ``method`` of :func:`~cellseg_lite.streams.stardist.instances`. The authors' cap (past
+    20,000 candidates keep the most probable half) is a rule about one image; here it is off by
+    default (``max_candidates=None``), and a number applies it to each block.
+    """
+    nms_thresh = _check_fraction(nms_thresh, "nms_thresh")
+    settings = _instance_settings(instances_kwargs)
+    _check_choice(settings["method"], "method", sd.RENDER_METHODS)
+    found = stardist_candidates_tiled(
+        predict,
+        image,
+        tile=tile,
+        stride=stride,
+        block=block,
+        context=context,
+        prob_thresh=prob_thresh,
+        candidate_stride=candidate_stride,
+        batch_size=batch_size,
+        blend=blend,
+        pad_mode=pad_mode,
+        progress=progress,
+        **instances_kwargs,
+    )
+    shape = as_image(image, "image").shape[:2]
+    return sd.render(sd.suppress(found, nms_thresh), shape, method=settings["method"])
+
+
+# --- multi-stream segmenter (below) ---
