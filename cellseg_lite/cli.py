@@ -42,6 +42,101 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cellseg_lite import synthetic, train
+
+    data = list(args.data or [])
+    scratch = None
+    if args.synthetic:
+        scratch = tempfile.TemporaryDirectory(prefix="cellseg-lite-synthetic-")
+        synthetic.make_dataset(scratch.name, args.synthetic, size=(256, 256), seed=args.seed)
+        data.append(Path(scratch.name))
+    if not data:
+        raise CellSegError("give --data DIR (one or more) and/or --synthetic N")
+    if args.out.is_dir():
+        raise CellSegError(f"'{args.out}': is a folder; --out names the model file to write")
+    try:
+        segmenter, stages = train.train_multistream(
+            data,
+            args.out,
+            preset_name=args.preset,
+            minutes=args.minutes,
+            routing=args.routing,
+            val=args.val,
+            work_dir=args.work_dir,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.quiet,
+            log=_log,
+        )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    print(f"wrote {args.out}: {segmenter!r}")
+    return EXIT_OK
+
+
+def _image_files(inputs: list[Path]) -> list[Path]:
+    from cellseg_lite import io
+
+    files = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and io.is_image_file(p))
+            if not found:
+                raise CellSegError(f"'{item}': no image files in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise CellSegError(f"'{item}': no such file or folder")
+    return files
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellseg_lite import infer, io
+
+    files = _image_files(args.inputs)
+    segmenter = infer.MultiStreamSegmenter.load(args.model, device=args.device or "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for path in files:
+        try:
+            labels = segmenter.segment(io.read_image(path))
+            target = args.out / f"{io.image_stem(path)}_label.tiff"
+            io.write_labels(target, labels)
+        except CellSegError as err:
+            failed.append(path)
+            print(f"cellseg-lite predict: skipped {path}: {err}", file=sys.stderr)
+            continue
+        if not args.quiet:
+            print(f"{path} -> {target} ({int(labels.max())} cells)")
+    print(f"{len(files) - len(failed)} of {len(files)} images segmented into {args.out}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cellseg_lite import demo
+
+    result = demo.run_demo(
+        args.out,
+        minutes=args.minutes,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        progress=not args.quiet,
+        log=_log,
+    )
+    print(f"report: {result.report_md} and {result.report_html}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellseg-lite",
@@ -79,6 +174,69 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     syn.set_defaults(func=_cmd_synthetic)
+
+    tr = sub.add_parser(
+        "train",
+        help="train the router and both streams (pre-training, then fine-tuning per class)",
+        description="Train the multi-stream method on labelled folders in the challenge layout "
+        "(images/, labels/<stem>_label.tiff) and write one model file. Runs under torchrun for "
+        "several GPUs.",
+    )
+    tr.add_argument("--data", type=Path, action="append", help="a labelled folder (repeatable)")
+    tr.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic images per low-level class to the training data",
+    )
+    tr.add_argument("--out", type=Path, required=True, help="the model file to write")
+    tr.add_argument(
+        "--preset",
+        choices=("lite", "paper", "fast"),
+        default=None,
+        help="training settings (default: fast under CELLSEG_FAST=1, paper on a GPU, else lite)",
+    )
+    tr.add_argument("--minutes", type=float, default=None, help="total training time budget")
+    tr.add_argument(
+        "--routing",
+        choices=("paper", "code"),
+        default="paper",
+        help="which stream serves each class: the paper's text or the authors' code",
+    )
+    tr.add_argument("--val", type=Path, default=None, help="validation folder (default: held out)")
+    tr.add_argument("--work-dir", type=Path, default=None, help="keep each stage's checkpoint here")
+    tr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser(
+        "predict",
+        help="segment images (files or folders) and write <stem>_label.tiff for each",
+        description="Segment every image given (or found in a folder given) with a trained model. "
+        "A file that cannot be read is reported and skipped; the exit code is 1 if any was.",
+    )
+    pr.add_argument("--model", type=Path, required=True, help="a model file from `train`")
+    pr.add_argument("--out", type=Path, required=True, help="output folder")
+    pr.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--device", default=None, help="cpu, cuda ... (default: cpu)")
+    pr.add_argument("--quiet", action="store_true", help="only the summary line")
+    pr.set_defaults(func=_cmd_predict)
+
+    de = sub.add_parser(
+        "demo",
+        help="the whole pipeline on generated data, with a Markdown/HTML report",
+        description="Generate synthetic images of the four classes, train the lite router and "
+        "streams, segment held-out images and write report.md and report.html into --out.",
+    )
+    de.add_argument("--out", type=Path, required=True, help="output folder")
+    de.add_argument("--minutes", type=float, default=3.0, help="training budget (default 3)")
+    de.add_argument("--n-train", type=int, default=8, help="training images per class")
+    de.add_argument("--n-test", type=int, default=3, help="held-out images per class")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--quiet", action="store_true", help="no progress bars")
+    de.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -15,12 +15,15 @@ and drawn together; the labels equal those of the full map.
 
 Contents, in reading order: tile positions and weights (:func:`tile_starts`,
 :func:`blend_window`), :func:`sliding_window`, the model helpers, and the tiled StarDist
-post-processing (:func:`stardist_candidates_tiled`, :func:`stardist_instances_tiled`).
+post-processing (:func:`stardist_candidates_tiled`, :func:`stardist_instances_tiled`), and the
+method at inference, :class:`MultiStreamSegmenter`: route each image to its low-level class, then
+segment it with that class's stream.
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,16 +31,21 @@ import numpy as np
 import torch
 
 from cellseg_lite._checks import as_image
-from cellseg_lite._errors import CellSegError
+from cellseg_lite._errors import CellSegError, where
 from cellseg_lite.streams import stardist as sd
 
 __all__ = [
     "BLENDS",
+    "CODE_TALL_IMAGE",
     "GAUSSIAN_SIGMA",
     "OUTPUTS",
     "PAD_MODES",
+    "ROUTINGS",
+    "TILED_PIXELS",
     "HoverMaps",
+    "MultiStreamSegmenter",
     "StarDistMaps",
+    "StreamModel",
     "blend_window",
     "hover_maps",
     "model_predictor",
@@ -693,3 +701,302 @@ def stardist_instances_tiled(
 
 
 # --- multi-stream segmenter (below) ---
+
+
+#: Which stream segments each low-level class. ``"paper"``: the paper's text, StarDist for classes
+#: 0, 2 and 3 and HoVer for class 1 (gray). ``"code"``: the authors' released code (they call the
+#: README wording a typo), StarDist for classes 0, 1 and 2 and HoVer for class 3 (colour, small
+#: cells), and StarDist for any image taller than :data:`CODE_TALL_IMAGE` pixels.
+ROUTINGS: dict[str, dict[int, str]] = {
+    "paper": {0: "stardist", 1: "hover", 2: "stardist", 3: "stardist"},
+    "code": {0: "stardist", 1: "stardist", 2: "stardist", 3: "hover"},
+}
+#: The authors' code sends every image taller than this to StarDist, whatever its class.
+CODE_TALL_IMAGE = 4000
+#: Images with more pixels than this go through :func:`stardist_instances_tiled` (bounded memory)
+#: instead of whole-image maps.
+TILED_PIXELS = 4096 * 4096
+MULTISTREAM_FORMAT = "cellseg-lite-multistream"
+_MULTISTREAM_LAYOUT = 1
+
+
+class StreamModel(NamedTuple):
+    """One trained stream: the network, which stream it is, its post-processing thresholds and
+    its training settings (a :class:`cellseg_lite.train.TrainConfig`)."""
+
+    model: torch.nn.Module
+    stream: str
+    thresholds: dict
+    config: object
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> StreamModel:
+        """From a :class:`cellseg_lite.train.Checkpoint` (``train.load_checkpoint(path)``)."""
+        return cls(
+            checkpoint.model, checkpoint.stream, dict(checkpoint.thresholds), checkpoint.config
+        )
+
+
+def _check_routing(routing) -> dict[int, str]:
+    if isinstance(routing, str):
+        if routing not in ROUTINGS:
+            raise CellSegError(
+                f"routing: expected one of {', '.join(map(repr, ROUTINGS))} or a dict "
+                f"{{class: stream}}, got {routing!r}"
+            )
+        return dict(ROUTINGS[routing])
+    if not isinstance(routing, dict) or sorted(routing) != [0, 1, 2, 3]:
+        raise CellSegError(f"routing: expected a stream for each class 0-3, got {routing!r}")
+    bad = {c: s for c, s in routing.items() if s not in ("stardist", "hover")}
+    if bad:
+        raise CellSegError(f"routing: unknown stream(s) {bad}; expected 'stardist' or 'hover'")
+    return {int(c): str(s) for c, s in routing.items()}
+
+
+class MultiStreamSegmenter:
+    """The method at inference: route each image to its low-level class, then segment it with
+    that class's stream model.
+
+    ``router``: a trained :class:`cellseg_lite.router.Router`. ``models``: ``{class: model}`` for
+    the four classes, each a :class:`StreamModel` (or a :class:`cellseg_lite.train.Checkpoint`),
+    whose stream must be the one ``routing`` names for its class (``"paper"``, ``"code"`` or a
+    dict, see :data:`ROUTINGS`); one model may serve several classes. ``tile``/``stride``: the
+    sliding window (the authors': 512 every 384 for StarDist, every 256 for HoVer).
+    :meth:`segment` takes a raw image of any supported kind; :meth:`save`/:meth:`load` keep the
+    whole thing in one file.
+    """
+
+    def __init__(
+        self,
+        router,
+        models: dict,
+        *,
+        routing: str | dict = "paper",
+        tile: int = 512,
+        stride: int | None = None,
+        batch_size: int = 4,
+        device=None,
+    ):
+        from cellseg_lite.router import Router
+
+        if not isinstance(router, Router):
+            raise CellSegError(f"router: expected a router.Router, got {type(router).__name__}")
+        self.routing_name = routing if isinstance(routing, str) else "custom"
+        self.routing = _check_routing(routing)
+        if not isinstance(models, dict) or sorted(models) != [0, 1, 2, 3]:
+            have = sorted(models) if isinstance(models, dict) else type(models).__name__
+            raise CellSegError(f"models: expected one stream model for each class 0-3, got {have}")
+        self.models: dict[int, StreamModel] = {}
+        for category, model in models.items():
+            if not isinstance(model, StreamModel):
+                if not hasattr(model, "thresholds") or not hasattr(model, "model"):
+                    raise CellSegError(
+                        f"models[{category}]: expected a StreamModel or train.Checkpoint, "
+                        f"got {type(model).__name__}"
+                    )
+                model = StreamModel.from_checkpoint(model)
+            if model.stream != self.routing[category]:
+                raise CellSegError(
+                    f"models[{category}]: routing {self.routing_name!r} sends class {category} to "
+                    f"{self.routing[category]!r}, but the model given is a {model.stream!r} model"
+                )
+            self.models[int(category)] = model
+        self.router = router
+        self.tile, _ = _check_tiling(tile, tile if stride is None else stride)
+        self.stride = None if stride is None else _check_tiling(tile, stride)[1]
+        self.batch_size = _check_int(batch_size, "batch_size")
+        if device is not None:
+            self.to(device)
+
+    def __repr__(self) -> str:
+        streams = ", ".join(f"{c}: {m.stream}/{m.config.backbone}" for c, m in self.models.items())
+        return f"MultiStreamSegmenter(routing={self.routing_name!r}, {{{streams}}})"
+
+    def to(self, device) -> MultiStreamSegmenter:
+        """Move the router and every stream model to ``device``; returns self."""
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise CellSegError(f"device: cannot use {device!r} ({err})") from err
+        self.router.model.to(device)
+        for model in self.models.values():
+            model.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.router.device
+
+    def route(self, image) -> int:
+        """The low-level class (0-3) of a raw image (array or path), as the router predicts it."""
+        return int(self.router.predict(image).category)
+
+    def stream_for(self, image_or_category) -> str:
+        """The stream that :meth:`segment` uses for an image (or a class), with the code routing's
+        rule for tall images."""
+        if isinstance(image_or_category, int | np.integer):
+            return self.routing[int(image_or_category)]
+        image = as_image(image_or_category, "image")
+        if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
+            return "stardist"
+        return self.routing[self.route(image)]
+
+    def segment(self, image, *, category: int | None = None, progress: bool = False) -> np.ndarray:
+        """Instance labels ``(H, W)`` int32 of a raw image: ``(H, W)`` or ``(H, W, C)`` of any
+        dtype, as :func:`cellseg_lite.io.read_image` returns it, or a path to one.
+
+        The image is normalised the challenge's way (:func:`cellseg_lite.io.normalize_image`),
+        routed (``category`` overrides the router) and segmented by that class's model with its
+        tuned thresholds; whole-slide StarDist images go through
+        :func:`stardist_instances_tiled` in bounded memory.
+        """
+        from cellseg_lite import io
+
+        source = "image"
+        if isinstance(image, str | os.PathLike):
+            source = image
+            image = io.read_image(image)
+        image = as_image(image, source)
+        if category is None:
+            category = self.route(image)
+        elif not (isinstance(category, int | np.integer) and 0 <= category <= 3):
+            raise CellSegError(f"category: expected a class 0-3, got {category!r}")
+        category = int(category)
+        model = self.models[category]
+        if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
+            model = next(m for c, m in self.models.items() if m.stream == "stardist")
+        x = io.normalize_image(image, source=source).astype(np.float32) / 255.0
+        return self._segment(model, x, progress)
+
+    def _segment(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
+        from cellseg_lite.streams import hover as hv_stream
+        from cellseg_lite.streams import stardist as sd_stream
+
+        t = dict(model.thresholds)
+        # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
+        tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
+        if model.stream == "stardist":
+            stride = min(self.stride or self.tile * 3 // 4, tile)
+            if x.shape[0] * x.shape[1] > TILED_PIXELS:
+                predict = model_predictor(model.model)
+                return stardist_instances_tiled(
+                    predict,
+                    x,
+                    tile=tile,
+                    stride=stride,
+                    batch_size=self.batch_size,
+                    prob_thresh=t.get("prob_thresh", 0.5),
+                    nms_thresh=t.get("nms_thresh", 0.4),
+                    progress=progress,
+                )
+            prob, dist = stardist_maps(
+                model.model,
+                x,
+                tile=tile,
+                stride=stride,
+                batch_size=self.batch_size,
+                progress=progress,
+            )
+            return sd_stream.instances(
+                prob, dist, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4)
+            )
+        stride = min(self.stride or self.tile // 2, tile)
+        fg, hv = hover_maps(
+            model.model, x, tile=tile, stride=stride, batch_size=self.batch_size, progress=progress
+        )
+        return hv_stream.instances(fg, hv, t.get("prob_thresh", 0.6))
+
+    # ----------------------------------------------------------------- one file
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write router, stream models (each once, however many classes it serves), routing and
+        thresholds to one file, atomically."""
+        from cellseg_lite import __version__, router, train
+        from cellseg_lite.io import atomic_write
+
+        unique: list[StreamModel] = []
+        index: dict[int, int] = {}
+        for category, model in self.models.items():
+            for i, seen in enumerate(unique):
+                if seen.model is model.model and seen.thresholds == model.thresholds:
+                    index[category] = i
+                    break
+            else:
+                index[category] = len(unique)
+                unique.append(model)
+        checkpoint = {
+            "format": MULTISTREAM_FORMAT,
+            "layout": _MULTISTREAM_LAYOUT,
+            "version": __version__,
+            "routing_name": self.routing_name,
+            "routing": {int(c): s for c, s in self.routing.items()},
+            "tile": self.tile,
+            "stride": self.stride,
+            "router": router.checkpoint_dict(self.router),
+            "models": [
+                {
+                    "config": m.config.to_dict(),
+                    "thresholds": dict(m.thresholds),
+                    "state_dict": train._model_state(m.model),
+                }
+                for m in unique
+            ],
+            "classes": {int(c): i for c, i in index.items()},
+        }
+        with atomic_write(path) as fh:
+            torch.save(checkpoint, fh)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device="cpu") -> MultiStreamSegmenter:
+        """Read a file written by :meth:`save`; another file kind, a damaged file or weights of
+        another architecture raise a :class:`~cellseg_lite.CellSegError` naming the file."""
+        from pathlib import Path
+
+        from cellseg_lite import router, train
+
+        path = Path(path)
+        if not path.is_file():
+            raise CellSegError(f"{where(path)}: segmenter file not found")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a damaged file
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            raise CellSegError(
+                f"{where(path)}: cannot be read as a segmenter; is it truncated or corrupt? "
+                f"({type(err).__name__}: {first})"
+            ) from err
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != MULTISTREAM_FORMAT:
+            kind = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+            hint = (
+                " (a single-stream checkpoint: load it with train.load_checkpoint)"
+                if kind == train.CHECKPOINT_FORMAT
+                else ""
+            )
+            raise CellSegError(f"{where(path)}: is not a cellseg-lite multi-stream segmenter{hint}")
+        if checkpoint.get("layout") != _MULTISTREAM_LAYOUT:
+            raise CellSegError(
+                f"{where(path)}: segmenter layout {checkpoint.get('layout')!r} is not supported "
+                f"(this version reads layout {_MULTISTREAM_LAYOUT})"
+            )
+        the_router = router.from_checkpoint_dict(checkpoint["router"], source=path)
+        loaded = []
+        for entry in checkpoint["models"]:
+            config = train.TrainConfig.from_dict(entry["config"], path)
+            model = train.build_model(config, pretrained=False)
+            train._load_state(model, entry["state_dict"], path)
+            loaded.append(
+                StreamModel(model.eval(), config.stream, dict(entry["thresholds"]), config)
+            )
+        models = {int(c): loaded[i] for c, i in checkpoint["classes"].items()}
+        name = checkpoint.get("routing_name", "custom")
+        routing = (
+            name if name in ROUTINGS else {int(c): s for c, s in checkpoint["routing"].items()}
+        )
+        return cls(
+            the_router,
+            models,
+            routing=routing,
+            tile=checkpoint.get("tile", 512),
+            stride=checkpoint.get("stride"),
+            device=device,
+        )

@@ -50,11 +50,15 @@ __all__ = [
     "FolderReport",
     "ImageScore",
     "Matching",
+    "SegmenterScore",
+    "class_table",
     "evaluate_folder",
+    "evaluate_segmenter",
     "f1_score",
     "match",
     "remove_boundary_cells",
     "time_tolerance",
+    "timing_table",
 ]
 
 #: Width in pixels of the outer frame whose cells the challenge leaves out.
@@ -555,3 +559,124 @@ def evaluate_folder(
     if csv_path is not None:
         _write_csv(csv_path, rows)
     return report
+
+
+# --------------------------------------------------------------------------- a segmenter on images
+
+
+class SegmenterScore(NamedTuple):
+    """One image segmented and scored: its class, size, counts, challenge F1, the seconds the
+    segmenter took and the challenge's time tolerance for that size."""
+
+    stem: str
+    category: int
+    height: int
+    width: int
+    n_true: int
+    n_pred: int
+    f1: float
+    seconds: float
+    tolerance: float
+
+    @property
+    def over_time(self) -> float:
+        """Seconds above the tolerance (0 when in time), the challenge's running-time penalty."""
+        return max(0.0, self.seconds - self.tolerance)
+
+
+def evaluate_segmenter(
+    segment,
+    images,
+    *,
+    categories=None,
+    iou_threshold: float = 0.5,
+) -> tuple[SegmenterScore, ...]:
+    """Run ``segment(image) -> labels`` on each ``(stem, image, y_true)`` of ``images``, timing it,
+    and score it with the challenge's F1. ``categories``: one class per image (``-1`` unknown)."""
+    import time
+
+    threshold = _check_threshold(iou_threshold)
+    if not callable(segment):
+        raise CellSegError(
+            f"segment: expected a callable image -> labels, got {type(segment).__name__}"
+        )
+    images = list(images)
+    categories = [-1] * len(images) if categories is None else [int(c) for c in categories]
+    if len(categories) != len(images):
+        raise CellSegError(f"categories: {len(categories)} classes for {len(images)} images")
+    rows = []
+    for (stem, image, y_true), category in zip(images, categories, strict=True):
+        start = time.perf_counter()
+        y_pred = segment(image)
+        seconds = time.perf_counter() - start
+        result = _match(
+            y_true, y_pred, threshold, True, (f"{stem} ground truth", f"{stem} prediction")
+        )
+        height, width = np.shape(y_true)[:2]
+        rows.append(
+            SegmenterScore(
+                str(stem),
+                category,
+                int(height),
+                int(width),
+                result.n_true,
+                result.n_pred,
+                result.f1,
+                seconds,
+                time_tolerance(height, width),
+            )
+        )
+    return tuple(rows)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values) if values else float("nan")
+
+
+def _cell(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def class_table(results: dict, *, class_names=None) -> str:
+    """Mean F1 per low-level class and overall, one row per method: a Markdown table in the shape
+    of the paper's Table 4. ``results``: ``{method: [SegmenterScore, ...]}``."""
+    from cellseg_lite.categorize import CATEGORY_NAMES
+
+    names = class_names or CATEGORY_NAMES
+    classes = sorted({r.category for rows in results.values() for r in rows if r.category >= 0})
+    header = ["method"] + [f"class {c} ({names[c]})" for c in classes] + ["all images"]
+    counts = {
+        c: max(sum(r.category == c for r in rows) for rows in results.values()) for c in classes
+    }
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        "| images | "
+        + " | ".join(str(counts[c]) for c in classes)
+        + f" | {max(len(rows) for rows in results.values())} |",
+    ]
+    for method, rows in results.items():
+        cells = [_cell(_mean(r.f1 for r in rows if r.category == c)) for c in classes]
+        cells.append(_cell(_mean(r.f1 for r in rows)))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(rows, *, largest: int = 5) -> str:
+    """Running time against the challenge's tolerance for the ``largest`` images and in total: a
+    Markdown table in the shape of the paper's Table 5."""
+    rows = sorted(rows, key=lambda r: r.height * r.width, reverse=True)
+    lines = [
+        "| image | size (H x W) | seconds | tolerance (s) | over tolerance (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[:largest]:
+        lines.append(
+            f"| {r.stem} | {r.height} x {r.width} | {r.seconds:.2f} | {r.tolerance:.0f} | "
+            f"{r.over_time:.2f} |"
+        )
+    total = math.fsum(r.seconds for r in rows)
+    over = math.fsum(r.over_time for r in rows)
+    lines.append(f"| all {len(rows)} images | | {total:.2f} | | {over:.2f} |")
+    return "\n".join(lines)

@@ -919,3 +919,255 @@ def train_stream(
         torch.distributed.destroy_process_group()
     model.eval()
     return model, history
+
+
+# --------------------------------------------------------------------------- 6. the whole method
+
+
+#: Shares of a multi-stream time budget: the router, StarDist and HoVer pre-training on every
+#: image, and the per-class fine-tuning (split evenly over the classes that have images).
+BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0.25}
+
+
+def router_settings(preset_name: str) -> dict:
+    """Keyword arguments of :func:`cellseg_lite.router.train_router` for a preset: the paper's
+    (224-pixel crops, SGD 1e-3, 20 epochs) or, for ``lite``/``fast``, 64-pixel crops with SGD 1e-2
+    (the settings of ``benchmarks/bench_router.py``: 100% on real-mini val in 7 CPU minutes)."""
+    from cellseg_lite.router import Preprocessing
+
+    if preset_name == "paper":
+        return {"pretrained": True}
+    epochs = 2 if preset_name == "fast" else 12
+    return {
+        "preprocessing": Preprocessing(resize=80, crop=64),
+        "epochs": epochs,
+        "batch_size": 32,
+        "lr": 0.01,
+        "step_size": 5,
+    }
+
+
+class Stage(NamedTuple):
+    """One training stage of :func:`train_multistream`, for its report."""
+
+    name: str
+    seconds: float
+    val_f1: float
+    kept: bool
+    detail: str
+
+
+def _split_for_selection(samples, categories, fraction: float, seed: int):
+    """Hold out ``fraction`` of each class (at least one image where a class has three or more)."""
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in range(4):
+        members = [i for i, k in enumerate(categories) if k == c]
+        rng.shuffle(members)
+        n_val = int(round(fraction * len(members)))
+        if len(members) >= 3:
+            n_val = max(n_val, 1)
+        val_idx += members[:n_val]
+        train_idx += members[n_val:]
+    pick = lambda idx: ([samples[i] for i in sorted(idx)], [categories[i] for i in sorted(idx)])  # noqa: E731
+    return pick(train_idx), pick(val_idx)
+
+
+def _sample_categories(samples) -> list[int]:
+    from cellseg_lite import io
+    from cellseg_lite.categorize import low_level_category
+
+    return [
+        low_level_category(io.read_image(s.image_path), io.read_labels(s.label_path))
+        for s in samples
+    ]
+
+
+def train_multistream(
+    data,
+    out: str | os.PathLike,
+    *,
+    preset_name: str | None = None,
+    minutes: float | None = None,
+    routing: str | dict = "paper",
+    val=None,
+    val_fraction: float = 0.12,
+    fine_tune: bool = True,
+    work_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+):
+    """Train the whole method and write the segmenter to ``out``; return ``(segmenter, stages)``.
+
+    The paper's recipe (paper-notes section 8): categorise every labelled image with the 4-way
+    rule; train the router on those classes; pre-train the StarDist and HoVer streams on all
+    images; fine-tune the pre-trained model of each class's stream on that class's images. Each
+    fine-tuned model is kept only if it beats the pre-trained one on that class's validation
+    images (the challenge F1), and each model's probability threshold is tuned there.
+    ``data``: a folder, a list of folders or a list of :class:`~cellseg_lite.datasets.Sample`.
+    ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
+    held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
+    (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"`` or ``"code"``
+    (:data:`cellseg_lite.infer.ROUTINGS`). ``work_dir`` keeps every stage's checkpoint.
+    ``log(message)`` receives one line per stage.
+    """
+    import tempfile
+
+    from cellseg_lite import datasets, infer
+    from cellseg_lite import router as router_module
+
+    preset_name = preset_name or default_preset()
+    base = preset(preset_name)
+    routing_table = infer._check_routing(routing)
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
+    ):
+        raise CellSegError(f"minutes: expected a positive number or None, got {minutes!r}")
+    say = log or (lambda message: None)
+    folders = [data] if isinstance(data, str | os.PathLike) else list(data)
+    samples = []
+    for item in folders:
+        samples += datasets.find_pairs(item) if isinstance(item, str | os.PathLike) else [item]
+    if len(samples) < 4:
+        raise CellSegError(f"data: {len(samples)} labelled image(s); the method needs at least 4")
+    categories = _sample_categories(samples)
+    if val is None:
+        (samples, categories), (val_samples, val_categories) = _split_for_selection(
+            samples, categories, val_fraction, seed
+        )
+    else:
+        val_folders = [val] if isinstance(val, str | os.PathLike) else list(val)
+        val_samples = []
+        for item in val_folders:
+            val_samples += (
+                datasets.find_pairs(item) if isinstance(item, str | os.PathLike) else [item]
+            )
+        val_categories = _sample_categories(val_samples)
+    say(
+        f"{len(samples)} training and {len(val_samples)} validation images; classes "
+        f"{np.bincount(categories, minlength=4).tolist()} / "
+        f"{np.bincount(val_categories, minlength=4).tolist()}"
+    )
+    device = _resolve_device(device)
+    scratch = None
+    if work_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="cellseg-lite-")
+        work_dir = scratch.name
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stages: list[Stage] = []
+
+    def share(name: str, parts: int = 1) -> float | None:
+        return None if minutes is None else minutes * BUDGET_SHARES[name] / parts
+
+    # 1. the router
+    started = time.perf_counter()
+    val_pair = ([s.image_path for s in val_samples], val_categories) if val_samples else None
+    the_router, router_history = router_module.train_router(
+        [s.image_path for s in samples],
+        categories,
+        val=val_pair,
+        minutes=share("router"),
+        device=device,
+        seed=seed,
+        progress=progress,
+        **router_settings(preset_name),
+    )
+    accuracy = max(router_history.val_accuracy) if val_pair else float("nan")
+    stages.append(Stage("router", time.perf_counter() - started, accuracy, True, "val accuracy"))
+    say(f"router: {stages[-1].seconds:.0f} s, validation accuracy {accuracy:.3f}")
+
+    # 2. pre-training of each stream that the routing uses, on every image
+    val_by_class = {
+        c: [s for s, k in zip(val_samples, val_categories, strict=True) if k == c] for c in range(4)
+    }
+    pretrained: dict[str, Checkpoint] = {}
+    for stream in ("stardist", "hover"):
+        if stream not in routing_table.values():
+            continue
+        started = time.perf_counter()
+        path = work_dir / f"{stream}_all.pt"
+        config = base.replace(stream=stream, minutes=share(stream), seed=seed)
+        train_stream(
+            samples,
+            config,
+            val=val_samples or None,
+            out=path,
+            categories=list(range(4)),
+            device=device,
+            progress=progress,
+        )
+        pretrained[stream] = load_checkpoint(path, device=device)
+        f1 = float(pretrained[stream].history.get("best_f1", float("nan")))
+        stages.append(
+            Stage(
+                f"{stream} on all",
+                time.perf_counter() - started,
+                f1,
+                True,
+                str(pretrained[stream].thresholds),
+            )
+        )
+        say(f"{stream} pre-training: {stages[-1].seconds:.0f} s, validation F1 {f1:.3f}")
+
+    # 3. fine-tuning per class, kept only where it helps that class
+    models: dict[int, Checkpoint] = {c: pretrained[routing_table[c]] for c in range(4)}
+    tunable = [
+        c
+        for c in range(4)
+        if fine_tune and sum(k == c for k in categories) >= 2 and val_by_class[c]
+    ]
+    for c in tunable:
+        stream = routing_table[c]
+        started = time.perf_counter()
+        class_samples = [s for s, k in zip(samples, categories, strict=True) if k == c]
+        before, before_thresholds = evaluate_stream(
+            pretrained[stream].model, stream, _load_val(val_by_class[c]), _threshold_grid(stream)
+        )
+        path = work_dir / f"{stream}_class{c}.pt"
+        config = base.replace(
+            stream=stream,
+            minutes=share("fine_tune", len(tunable)),
+            lr=base.lr / 3,
+            warmup_steps=0,
+            seed=seed + 1 + c,
+            patches_per_image=max(1, 32 // len(class_samples)),
+        )
+        train_stream(
+            class_samples,
+            config,
+            val=val_by_class[c],
+            out=path,
+            init=pretrained[stream].path,
+            categories=[c],
+            device=device,
+            progress=progress,
+        )
+        tuned = load_checkpoint(path, device=device)
+        after = float(tuned.history.get("best_f1", float("nan")))
+        kept = after > before
+        if kept:
+            models[c] = tuned
+        else:  # keep the pre-trained model, with the threshold that suits this class
+            models[c] = pretrained[stream]._replace(thresholds=before_thresholds)
+        stages.append(
+            Stage(
+                f"{stream} fine-tuned on class {c}",
+                time.perf_counter() - started,
+                after,
+                kept,
+                f"pre-trained model on this class: {before:.3f}",
+            )
+        )
+        say(
+            f"{stream} class {c}: {stages[-1].seconds:.0f} s, F1 {before:.3f} -> {after:.3f} "
+            f"({'kept' if kept else 'pre-trained model kept'})"
+        )
+
+    segmenter = infer.MultiStreamSegmenter(the_router, models, routing=routing, device=device)
+    segmenter.save(out)
+    if scratch is not None:
+        scratch.cleanup()
+    return segmenter, stages

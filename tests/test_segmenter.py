@@ -1,0 +1,155 @@
+"""The multi-stream segmenter: routing, raw images of every kind, one-file save/load, bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg_lite import CellSegError, infer, router, synthetic, train
+from cellseg_lite.streams.hover import ConvNeXtHover
+from cellseg_lite.streams.stardist import ConvNeXtStarDist
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def streams():
+    torch.manual_seed(0)
+    sd_config = train.preset("fast", n_rays=8)
+    star = infer.StreamModel(
+        ConvNeXtStarDist("convnext_atto", n_rays=8).eval(), "stardist",
+        {"prob_thresh": 0.5, "nms_thresh": 0.4}, sd_config,
+    )  # fmt: skip
+    hv = infer.StreamModel(
+        ConvNeXtHover("convnext_atto").eval(), "hover", {"prob_thresh": 0.6},
+        train.preset("fast", stream="hover"),
+    )  # fmt: skip
+    return star, hv
+
+
+@pytest.fixture(scope="module")
+def segmenter(streams):
+    star, hv = streams
+    torch.manual_seed(0)
+    return infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), {0: star, 1: hv, 2: star, 3: star}
+    )
+
+
+def test_routings_follow_the_paper_and_the_code():
+    assert infer.ROUTINGS["paper"] == {0: "stardist", 1: "hover", 2: "stardist", 3: "stardist"}
+    assert infer.ROUTINGS["code"] == {0: "stardist", 1: "stardist", 2: "stardist", 3: "hover"}
+    assert infer.CODE_TALL_IMAGE == 4000
+
+
+def test_the_stream_of_each_class(segmenter):
+    assert [segmenter.stream_for(c) for c in range(4)] == [
+        "stardist",
+        "hover",
+        "stardist",
+        "stardist",
+    ]
+    assert segmenter.route(np.zeros((40, 40), np.uint16)) == 0  # one channel: the channel rule
+    assert "routing='paper'" in repr(segmenter)
+
+
+def test_code_routing_sends_tall_images_to_stardist(streams):
+    star, hv = streams
+    code = infer.MultiStreamSegmenter(
+        router.Router(), {0: star, 1: star, 2: star, 3: hv}, routing="code"
+    )
+    assert code.stream_for(3) == "hover"
+    assert code.stream_for(np.zeros((4001, 8), np.uint8)) == "stardist"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.random.default_rng(0).integers(0, 4000, (70, 90), dtype=np.uint16),
+        np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8),
+        np.random.default_rng(2).random((50, 60, 4), dtype=np.float32),
+        np.random.default_rng(3).integers(0, 255, (48, 80, 1), dtype=np.uint8),
+    ],
+    ids=["gray-16bit", "rgb-8bit", "4-channel-float", "one-channel-axis"],
+)
+def test_segment_takes_raw_images_of_every_kind(segmenter, image):
+    labels = segmenter.segment(image)
+    assert labels.shape == image.shape[:2] and labels.dtype == np.int32
+
+
+def test_segment_reads_a_path_and_takes_a_class(segmenter, tmp_path):
+    from cellseg_lite import io
+
+    image, _ = synthetic.make_image(1, size=(64, 64), seed=0)
+    io.write_image(tmp_path / "x.png", image)
+    by_path = segmenter.segment(tmp_path / "x.png", category=1)
+    assert np.array_equal(by_path, segmenter.segment(image, category=1))
+    with pytest.raises(CellSegError, match="category: expected a class 0-3"):
+        segmenter.segment(image, category=7)
+    with pytest.raises(CellSegError, match="expected a 2-D image"):
+        segmenter.segment(np.zeros((2, 3, 4, 5)))
+
+
+def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch):
+    image, _ = synthetic.make_image(0, size=(160, 224), seed=1)
+    whole = segmenter.segment(image)
+    monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)
+    calls = []
+    original = infer.stardist_instances_tiled
+    monkeypatch.setattr(
+        infer, "stardist_instances_tiled", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    tiled = segmenter.segment(image)
+    assert calls and np.array_equal(whole, tiled)
+
+
+def test_save_and_load_as_one_file(segmenter, tmp_path):
+    path = tmp_path / "model.pt"
+    segmenter.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    loaded = infer.MultiStreamSegmenter.load(path)
+    assert loaded.routing == segmenter.routing
+    # one StarDist model serves classes 0, 2 and 3: stored once, loaded once
+    assert loaded.models[0].model is loaded.models[2].model is loaded.models[3].model
+    image = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for category in range(4):
+        assert np.array_equal(
+            loaded.segment(image, category=category), segmenter.segment(image, category=category)
+        )
+
+
+def test_loading_refuses_other_files(segmenter, tmp_path):
+    with pytest.raises(CellSegError, match="segmenter file not found"):
+        infer.MultiStreamSegmenter.load(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(CellSegError, match="truncated or corrupt"):
+        infer.MultiStreamSegmenter.load(tmp_path / "junk.pt")
+    star = segmenter.models[0]
+    train.save_checkpoint(tmp_path / "stream.pt", star.model, star.config)
+    with pytest.raises(CellSegError, match="single-stream checkpoint"):
+        infer.MultiStreamSegmenter.load(tmp_path / "stream.pt")
+    segmenter.save(tmp_path / "good.pt")
+    checkpoint = torch.load(tmp_path / "good.pt", weights_only=True)
+    checkpoint["models"][0]["config"]["backbone"] = "convnext_femto"
+    torch.save(checkpoint, tmp_path / "other_backbone.pt")
+    with pytest.raises(CellSegError, match="weights do not fit"):
+        infer.MultiStreamSegmenter.load(tmp_path / "other_backbone.pt")
+
+
+def test_construction_checks(streams):
+    star, hv = streams
+    with pytest.raises(CellSegError, match="router: expected a router.Router"):
+        infer.MultiStreamSegmenter(None, {0: star, 1: hv, 2: star, 3: star})
+    with pytest.raises(CellSegError, match="one stream model for each class"):
+        infer.MultiStreamSegmenter(router.Router(), {0: star})
+    with pytest.raises(CellSegError, match="sends class 1 to 'hover'.*'stardist' model"):
+        infer.MultiStreamSegmenter(router.Router(), dict.fromkeys(range(4), star))
+    with pytest.raises(CellSegError, match="routing: expected one of"):
+        infer.MultiStreamSegmenter(router.Router(), dict.fromkeys(range(4), star), routing="mine")
+    with pytest.raises(CellSegError, match="unknown stream"):
+        infer.MultiStreamSegmenter(
+            router.Router(), dict.fromkeys(range(4), star), routing=dict.fromkeys(range(4), "unet")
+        )
+    with pytest.raises(CellSegError, match=r"models\[0\]: expected a StreamModel"):
+        infer.MultiStreamSegmenter(router.Router(), dict.fromkeys(range(4), "model.pt"))
