@@ -1,6 +1,10 @@
-"""viz: overlays keep the image where there are no cells and colour every instance."""
+"""viz: overlays keep the image where there are no cells and colour every instance; the pipeline
+diagram; explorers draw a static figure, follow their sliders and keep their state in the book."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import matplotlib
 import numpy as np
@@ -79,3 +83,179 @@ def test_plots_draw(image_and_labels):
 def test_gallery_needs_images():
     with pytest.raises(ValueError, match="at least one"):
         viz.plot_gallery([])
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.parametrize("routing", ["paper", "code"])
+def test_pipeline_names_the_stream_of_every_class(routing):
+    import matplotlib.pyplot as plt
+
+    fig = viz.plot_pipeline(routing=routing, examples=False)
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    hover_classes = [c for c, stream in viz.ROUTES[routing].items() if stream == "HoVer"]
+    assert f"ConvNeXt-HoVer\nfine-tuned on class {hover_classes[0]}" in texts
+    assert f"({routing} routing)" in texts
+    plt.close(fig)
+
+
+def test_pipeline_with_examples_draws_them():
+    import matplotlib.pyplot as plt
+
+    fig = viz.plot_pipeline()
+    assert len(fig.axes) == 1 + 4 + 1  # the diagram, one image per class, the labels
+    plt.close(fig)
+
+
+def test_pipeline_rejects_unknown_routing():
+    with pytest.raises(CellSegError, match="routing: expected one of 'paper', 'code'"):
+        viz.plot_pipeline(routing="mine")
+
+
+# --------------------------------------------------------------------------- explorers
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    from cellseg_lite import synthetic
+
+    image, labels = synthetic.make_image(3, size=(128, 128), seed=2)
+    return image, labels
+
+
+def sliders_of(explorer):
+    return {s.description: s for s in explorer.children[0].children}
+
+
+def test_stardist_explorer_draws_first_then_follows_the_sliders(tissue):
+    import matplotlib.pyplot as plt
+
+    from cellseg_lite.streams import stardist
+
+    image, labels = tissue
+    prob, dist = stardist.targets(labels)
+    plt.close("all")
+    explorer = viz.explore_stardist(image, prob, dist, y_true=labels)
+    assert len(plt.get_fignums()) == 1  # the static figure at the defaults
+    sliders = sliders_of(explorer)
+    assert (sliders["prob_thresh"].value, sliders["nms_thresh"].value) == (0.5, 0.4)
+    first = viz.stardist_view(prob, dist, 0.5, 0.4, y_true=labels)
+    assert explorer.children[1].value == first.summary()
+    np.testing.assert_array_equal(first.labels, stardist.instances(prob, dist, 0.5, 0.4))
+    sliders["prob_thresh"].value = 0.95  # only the cell centres remain candidates
+    later = viz.stardist_view(prob, dist, 0.95, 0.4, y_true=labels)
+    assert explorer.children[1].value == later.summary()
+    assert len(plt.get_fignums()) == 1  # redraws close their figures
+    plt.close("all")
+
+
+def test_watershed_explorer_uses_the_preset_threshold(tissue):
+    import matplotlib.pyplot as plt
+
+    from cellseg_lite.streams import hover
+
+    image, labels = tissue
+    prob, hv = hover.targets(labels)
+    explorer = viz.explore_watershed(image, prob, hv, y_true=labels, preset="hover_net")
+    sliders = sliders_of(explorer)
+    assert sliders["marker_threshold"].value == hover.PRESETS["hover_net"].marker_threshold
+    assert sliders["marker_threshold"].max == 0.95  # a min-max energy lies in [0, 1]
+    steps, result = viz.watershed_view(prob, hv, 0.6, 0.4, preset="hover_net", y_true=labels)
+    assert explorer.children[1].value == result.summary()
+    np.testing.assert_array_equal(steps.labels, hover.instances(prob, hv, preset="hover_net"))
+    sliders["marker_threshold"].value = 0.05
+    _, fewer = viz.watershed_view(prob, hv, 0.6, 0.05, preset="hover_net", y_true=labels)
+    assert explorer.children[1].value == fewer.summary()
+    plt.close("all")
+
+
+def test_explorers_without_ipywidgets_draw_the_static_figure(tissue, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from cellseg_lite.streams import hover
+
+    image, labels = tissue
+    prob, hv = hover.targets(labels)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import fails
+    plt.close("all")
+    assert viz.explore_watershed(image, prob, hv) is None
+    assert len(plt.get_fignums()) == 1
+    plt.close("all")
+
+
+def test_explorer_inputs_are_checked(tissue):
+    from cellseg_lite.streams import stardist
+
+    image, labels = tissue
+    prob, dist = stardist.targets(labels)
+    with pytest.raises(CellSegError, match="prob: image size"):
+        viz.explore_stardist(image[:64], prob, dist)
+    with pytest.raises(CellSegError, match="y_true: image size"):
+        viz.explore_stardist(image, prob, dist, y_true=labels[:64])
+
+
+# --------------------------------------------------------------------------- widgets in the book
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.mark.slow
+def test_executed_explorer_keeps_its_widget_state_for_the_book(tmp_path, monkeypatch):
+    """Execute a one-cell notebook as the book build does (nbclient, which stores widget state
+    by default) and check what myst-nb needs to render the widget in static HTML: the view in
+    the cell's output, its model in the notebook's widget state, the static figure before it;
+    then render it with myst-nb and find both as the scripts the ipywidgets embedder reads."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel must use the inline backend
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "from cellseg_lite import synthetic, viz\n"
+            "from cellseg_lite.streams import stardist\n"
+            "image, labels = synthetic.make_image(0, size=(64, 64), seed=0)\n"
+            "viz.explore_stardist(image, *stardist.targets(labels), y_true=labels)"
+        )
+    )
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+
+    outputs = nb.cells[0].outputs
+    assert [o.output_type for o in outputs] == ["display_data", "execute_result"], outputs
+    assert "image/png" in outputs[0].data  # the static figure, first
+    view = outputs[1].data[WIDGET_VIEW]
+    state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+    assert view["model_id"] in state
+    sliders = {
+        m["state"]["description"]: m["state"]["value"]
+        for m in state.values()
+        if m["model_name"] == "FloatSliderModel"
+    }
+    assert sliders == {"prob_thresh": 0.5, "nms_thresh": 0.4}
+    assert any(
+        "F1" in str(m["state"].get("value"))
+        for m in state.values()
+        if m["model_name"] == "HTMLModel"
+    )
+
+    # the book's own renderer: Sphinx with myst-nb, as Jupyter Book 1 runs it, execution off
+    pytest.importorskip("myst_nb", reason="myst-nb is not installed (install the [book] extra)")
+    source = tmp_path / "site"
+    source.mkdir()
+    nbformat.write(nb, source / "index.ipynb")
+    (source / "conf.py").write_text('extensions = ["myst_nb"]\nnb_execution_mode = "off"\n')
+    subprocess.run(
+        [sys.executable, "-m", "sphinx", "-b", "html", "-q", str(source), str(tmp_path / "html")],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    page = (tmp_path / "html" / "index.html").read_text()
+    assert f'<script type="{WIDGET_STATE}">' in page  # the models, with their initial values
+    assert f'<script type="{WIDGET_VIEW}">' in page and view["model_id"] in page
+    assert "html-manager" in page  # the ipywidgets embedder that draws them
