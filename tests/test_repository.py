@@ -66,3 +66,71 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The book as a product: one install cell everywhere, chapters with objectives and solutions.
+
+
+def _code_cells(path):
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_first_cell_is_the_workshop_cell(path):
+    from cellseg_lite import workshop
+
+    expected = workshop.first_cell(workshop.repository_url(REPO))
+    cells = _code_cells(path)
+    assert cells, f"{path.name} has no code cell"
+    assert _source(cells[0]) == expected, (
+        f"{path.name}: the first code cell must be exactly workshop.first_cell(...):\n{expected}"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_names_the_configured_repository(path):
+    from cellseg_lite import workshop
+
+    url = workshop.repository_url(REPO)
+    installs = re.findall(r"git\+(\S+?)[\"']", _source(_code_cells(path)[0]))
+    assert installs == [url], f"{path.name} installs from {installs}, _config.yml says {url}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_opens_with_objectives_and_closes_with_exercises_and_solutions(path):
+    cells = json.loads(path.read_text())["cells"]
+    opening = _source(cells[0])
+    for part in ("Learning objectives", "Prerequisites", "Estimated time"):
+        assert part in opening, f"{path.name}: the first cell lacks '{part}'"
+    text = [_source(c) for c in cells]
+    heading = lambda name: next(  # noqa: E731
+        (i for i, t in enumerate(text) if re.search(rf"^## {name}\b", t, flags=re.M)), None
+    )
+    summary, exercises, solutions = heading("Summary"), heading("Exercises"), heading("Solutions")
+    assert None not in (summary, exercises, solutions), f"{path.name}: Summary/Exercises/Solutions"
+    assert summary <= exercises <= solutions
+    folded = [
+        c
+        for c in cells[solutions:]
+        if c["cell_type"] == "code" and "hide-input" in c.get("metadata", {}).get("tags", [])
+    ]
+    assert len(folded) >= 2, f"{path.name}: at least two solutions, tagged hide-input"
+    assert all(_source(c).startswith("# Exercise") for c in folded), (
+        f"{path.name}: each solution starts with '# Exercise N: ...'"
+    )
+
+
+def test_book_figures_are_drawn_by_the_package():
+    # no hand-made pictures: the intro's figure comes from viz.plot_pipeline at build time
+    pictures = [
+        p.name
+        for p in (REPO / "book").rglob("*")
+        if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".svg", ".gif"}
+    ]
+    assert not pictures, f"image files in book/: {pictures}"
+    assert "viz.plot_pipeline()" in (REPO / "book" / "intro.md").read_text()
