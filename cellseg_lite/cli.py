@@ -52,16 +52,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellseg_lite import synthetic, train
 
     data = list(args.data or [])
-    scratch = None
-    if args.synthetic:
-        scratch = tempfile.TemporaryDirectory(prefix="cellseg-lite-synthetic-")
-        synthetic.make_dataset(scratch.name, args.synthetic, size=(256, 256), seed=args.seed)
-        data.append(Path(scratch.name))
-    if not data:
+    if not data and not args.synthetic:
         raise CellSegError("give --data DIR (one or more) and/or --synthetic N")
     if args.out.is_dir():
         raise CellSegError(f"'{args.out}': is a folder; --out names the model file to write")
+    scratch = None
     try:
+        if args.synthetic:
+            scratch = tempfile.TemporaryDirectory(prefix="cellseg-lite-synthetic-")
+            synthetic.make_dataset(scratch.name, args.synthetic, size=(256, 256), seed=args.seed)
+            data.append(Path(scratch.name))
         segmenter, stages = train.train_multistream(
             data,
             args.out,

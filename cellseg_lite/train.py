@@ -54,6 +54,7 @@ __all__ = [
     "StreamDataset",
     "TrainConfig",
     "build_model",
+    "cpu_has_bf16",
     "default_preset",
     "evaluate_stream",
     "load_checkpoint",
@@ -87,7 +88,9 @@ class TrainConfig:
     of 800, i.e. at 0.25), after a linear warm-up of ``warmup_steps``. Length: ``epochs``, and
     optionally a budget of ``minutes`` (the run stops after the first step past it, validation
     included; the schedule then follows elapsed time). ``val_every``: epochs between
-    validations. ``amp``/``channels_last``: ``None`` means on CUDA only. ``loss``: the StarDist
+    validations. ``amp``: mixed precision (bf16, or fp16 on GPUs without bf16); ``None`` means on
+    CUDA and on CPUs with native bf16 (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows
+    ``amp``. ``loss``: the StarDist
     loss variant (``"paper"`` or ``"code"``). ``num_workers``: DataLoader processes computing
     patches and targets.
     """
@@ -613,10 +616,26 @@ def _setup_distributed(distributed: bool | None, device: torch.device) -> _Distr
     return _Distributed(dist.get_rank(), dist.get_world_size(), True)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, via oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _auto_amp(device: torch.device) -> bool:
+    """Mixed precision by default on CUDA, and on a CPU with native bfloat16: there bf16
+    convolutions in channels-last layout ran ~1.4x faster per lite step (benchmarks/RESULTS.md)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
 def _autocast(device: torch.device, amp: bool):
     if device.type == "cuda" and amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype), dtype
+    if device.type == "cpu" and amp:
+        return torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
     return torch.autocast(device.type, enabled=False), torch.float32
 
 
@@ -710,6 +729,9 @@ def train_stream(
         transform=augment,
     )
     data = StreamDataset(patches, config.stream, config.n_rays)
+    if config.num_workers:  # decode every image once here: forked workers inherit the cache
+        for index in range(len(train_samples)):
+            patches.load(index)
     if len(data) // ddp.world_size < 2:
         raise CellSegError(
             f"samples: {len(data)} patch(es) per epoch for {ddp.world_size} process(es); "
@@ -745,8 +767,8 @@ def train_stream(
         _check_compatible(TrainConfig.from_dict(pre["config"], init), config, init)
         _load_state(model, pre["state_dict"], init)
 
-    amp = device.type == "cuda" if config.amp is None else bool(config.amp)
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    amp = _auto_amp(device) if config.amp is None else bool(config.amp)
+    channels_last = amp if config.channels_last is None else config.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(

@@ -517,3 +517,76 @@ def test_remove_boundary_cells_refuses_bad_labels():
 def test_time_tolerance_refuses_bad_sizes(height, width, message):
     with pytest.raises(CellSegError, match=message):
         metrics.time_tolerance(height, width)
+
+
+# --------------------------------------------------------------------------- a segmenter on images
+
+
+def _scored(segment, n=3):
+    from cellseg_lite import synthetic
+
+    images = []
+    for c in range(n):
+        image, labels = synthetic.make_image(c % 4, size=(128, 128), seed=c)
+        images.append((f"img{c}", image, labels))
+    return metrics.evaluate_segmenter(segment, images, categories=[c % 4 for c in range(n)])
+
+
+def test_evaluate_segmenter_scores_and_times_each_image():
+    from cellseg_lite import synthetic
+
+    truth = {}
+
+    def perfect(image):
+        for c in range(4):
+            for seed in range(3):
+                candidate, labels = synthetic.make_image(c, size=(128, 128), seed=seed)
+                if np.array_equal(candidate, image):
+                    truth[seed] = labels
+                    return labels
+        raise AssertionError("unknown image")
+
+    rows = _scored(perfect)
+    assert [r.stem for r in rows] == ["img0", "img1", "img2"]
+    assert [r.category for r in rows] == [0, 1, 2]
+    assert all(r.f1 == 1.0 and r.n_true == r.n_pred for r in rows)
+    assert all(r.seconds >= 0 and r.tolerance == 10.0 and r.over_time == 0.0 for r in rows)
+    empty = _scored(lambda image: np.zeros(image.shape[:2], np.int32))
+    assert all(r.f1 == 0.0 and r.n_pred == 0 for r in empty)
+
+
+def test_evaluate_segmenter_checks_its_inputs():
+    with pytest.raises(CellSegError, match="segment: expected a callable"):
+        metrics.evaluate_segmenter("model.pt", [])
+    with pytest.raises(CellSegError, match="2 classes for 1 images"):
+        metrics.evaluate_segmenter(
+            lambda x: x, [("a", np.zeros((4, 4)), np.zeros((4, 4)))], categories=[0, 1]
+        )
+    with pytest.raises(CellSegError, match="img0 prediction"):
+        _scored(lambda image: np.zeros((5, 5), np.int32), n=1)
+
+
+def test_class_and_timing_tables_have_the_papers_shape():
+    row = metrics.SegmenterScore
+    results = {
+        "stream A": [
+            row("a", 0, 100, 100, 5, 5, 1.0, 0.5, 10.0),
+            row("b", 3, 2000, 1000, 5, 4, 0.5, 30.0, 20.0),
+        ],
+        "stream B": [
+            row("a", 0, 100, 100, 5, 5, 0.0, 0.5, 10.0),
+            row("b", 3, 2000, 1000, 5, 4, 1.0, 1.0, 20.0),
+        ],
+    }
+    table = metrics.class_table(results)
+    lines = table.splitlines()
+    assert (
+        lines[0]
+        == "| method | class 0 (one-channel) | class 3 (colour, small cells) | all images |"
+    )
+    assert lines[2] == "| images | 1 | 1 | 2 |"
+    assert lines[3] == "| stream A | 1.0000 | 0.5000 | 0.7500 |"
+    assert lines[4] == "| stream B | 0.0000 | 1.0000 | 0.5000 |"
+    timing = metrics.timing_table(results["stream A"]).splitlines()
+    assert timing[2] == "| b | 2000 x 1000 | 30.00 | 20 | 10.00 |"  # the largest image first
+    assert timing[-1] == "| all 2 images | | 30.50 | | 10.00 |"

@@ -1,0 +1,103 @@
+"""The whole method from the command line: train, predict over a folder with a bad file, demo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellseg_lite import cli, infer, io, synthetic, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One FAST demo: synthetic data, the fast preset, the report; its model serves the others."""
+    out = tmp_path_factory.mktemp("demo")
+    code = cli.main(
+        ["demo", "--out", str(out), "--minutes", "1", "--n-train", "3", "--n-test", "1", "--quiet"]
+    )
+    assert code == cli.EXIT_OK
+    return out
+
+
+def test_demo_writes_the_report(demo_run):
+    report = (demo_run / "report.md").read_text()
+    for part in ("Table 4", "Table 5", "multi-stream", "ConvNeXt-HoVer", "class 3", "tolerance"):
+        assert part in report
+    html = (demo_run / "report.html").read_text()
+    assert html.count("<img") == 4 and "<table>" in html
+    assert len(list((demo_run / "figures").glob("*.png"))) == 4
+    assert len(list((demo_run / "predictions").glob("*_label.tiff"))) == 4
+    loaded = infer.MultiStreamSegmenter.load(demo_run / "model.pt")
+    assert [loaded.stream_for(c) for c in range(4)] == ["stardist", "hover", "stardist", "stardist"]
+
+
+def test_predict_skips_a_corrupt_file_and_writes_the_others(demo_run, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for c in (0, 3):
+        io.write_image(images / f"good{c}.png", synthetic.make_image(c, (64, 64), seed=c)[0])
+    (images / "broken.tif").write_bytes(b"II*\x00 this is not a tiff")
+    out = tmp_path / "pred"
+    code = cli.main(
+        ["predict", "--model", str(demo_run / "model.pt"), "--out", str(out), str(images)]
+    )
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert "broken.tif" in captured.err and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["good0_label.tiff", "good3_label.tiff"]
+    assert "2 of 3 images" in captured.out
+
+
+def test_predict_reports_wrong_paths_and_models(demo_run, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    io.write_image(image, synthetic.make_image(0, (64, 64), seed=0)[0])
+    out = str(tmp_path / "o")
+    assert (
+        cli.main(["predict", "--model", str(tmp_path / "none.pt"), "--out", out, str(image)]) == 2
+    )
+    assert "segmenter file not found" in capsys.readouterr().err
+    assert (
+        cli.main(["predict", "--model", str(demo_run / "model.pt"), "--out", out, "nope.png"]) == 2
+    )
+    assert "no such file or folder" in capsys.readouterr().err
+    stream = demo_run / "work" / "stardist_all.pt"
+    assert cli.main(["predict", "--model", str(stream), "--out", out, str(image)]) == 2
+    assert "single-stream checkpoint" in capsys.readouterr().err
+
+
+def test_train_command_writes_a_segmenter(tmp_path, capsys):
+    data = tmp_path / "data"
+    synthetic.make_dataset(data, 1, size=(128, 128), seed=5, categories=(0, 1, 3))
+    out = tmp_path / "model.pt"
+    code = cli.main(
+        ["train", "--data", str(data), "--synthetic", "1", "--out", str(out), "--preset", "fast",
+         "--routing", "code", "--quiet", "--work-dir", str(tmp_path / "work")]
+    )  # fmt: skip
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    segmenter = infer.MultiStreamSegmenter.load(out)
+    assert segmenter.routing_name == "code" and segmenter.stream_for(3) == "hover"
+    assert train.load_checkpoint(tmp_path / "work" / "hover_all.pt").categories == (0, 1, 2, 3)
+
+
+def test_train_command_errors(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "m.pt")]) == cli.EXIT_USAGE
+    assert "--data" in capsys.readouterr().err
+    assert (
+        cli.main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.pt")]) == 2
+    )
+    assert "data folder not found" in capsys.readouterr().err
+    assert cli.main(["train", "--synthetic", "1", "--out", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_stream_checkpoint_of_another_backbone_is_refused_by_fine_tuning(tmp_path):
+    data = tmp_path / "d"
+    synthetic.make_dataset(data, 1, size=(96, 96), seed=1, categories=(0, 1, 3))
+    pre = tmp_path / "pre.pt"
+    config = train.preset("fast", augment=False, epochs=1)
+    train.train_stream(data, config, out=pre, progress=False)
+    with pytest.raises(Exception, match="backbone='convnext_atto'"):
+        train.train_stream(data, config.replace(backbone="convnext_pico"), init=pre, progress=False)
+    assert torch.load(pre, weights_only=True)["config"]["backbone"] == "convnext_atto"
