@@ -549,8 +549,9 @@ def stardist_candidates_tiled(
     :func:`stardist_instances_tiled` (see there), unsorted by probability.
 
     Returns :class:`~cellseg_lite.streams.stardist.Polygons` with ``points`` in the image's
-    coordinates, in the order :func:`~cellseg_lite.streams.stardist.select_candidates` would give
-    them on the whole map.
+    coordinates, row-major over the candidate grid: the order of
+    :func:`~cellseg_lite.streams.stardist.select_candidates` on the whole map (without its cap),
+    which matters because NMS breaks ties between equal probabilities by it.
     """
     _check_predict(predict)
     tile, stride = _check_tiling(tile, stride)
