@@ -946,8 +946,9 @@ def train_stream(
 # --------------------------------------------------------------------------- 6. the whole method
 
 
-#: Shares of a multi-stream time budget: the router, StarDist and HoVer pre-training on every
-#: image, and the per-class fine-tuning (split evenly over the classes that have images).
+#: Shares of a multi-stream time budget: the router, the pre-training of the two streams on every
+#: image (0.67 together, split between the streams by the images their classes hold, at least a
+#: fifth each) and the per-class fine-tuning (split evenly over the classes that have images).
 BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0.25}
 
 
@@ -1081,8 +1082,20 @@ def train_multistream(
     work_dir.mkdir(parents=True, exist_ok=True)
     stages: list[Stage] = []
 
+    # The pre-training budget follows the data: each stream gets a share in proportion to the
+    # images of the classes it serves (at least a fifth, so that a rare class still gets a model).
+    served = {
+        stream: sum(routing_table[c] == stream for c in categories) / len(categories)
+        for stream in set(routing_table.values())
+    }
+    weight = {stream: max(fraction, 0.2) for stream, fraction in served.items()}
+    pretrain_share = BUDGET_SHARES["stardist"] + BUDGET_SHARES["hover"]
+    shares = dict(BUDGET_SHARES)
+    for stream in ("stardist", "hover"):
+        shares[stream] = pretrain_share * weight.get(stream, 0.0) / sum(weight.values())
+
     def share(name: str, parts: int = 1) -> float | None:
-        return None if minutes is None else minutes * BUDGET_SHARES[name] / parts
+        return None if minutes is None else minutes * shares[name] / parts
 
     # 1. the router
     started = time.perf_counter()

@@ -1,0 +1,118 @@
+"""Training throughput of one optimisation step: float32 against bf16 autocast + channels-last.
+
+One AdamW step (forward, loss, backward, update) of a stream network on a batch of random
+patches with random targets, timed as the median of ``--repeats`` steps after two warm-up steps,
+for each precision and memory layout. On a CPU with native bfloat16 (AVX512-BF16/AMX) the `lite`
+preset turns on bf16 autocast with channels-last memory (`train.cpu_has_bf16`); this measures
+why. On a CUDA GPU it measures the `paper` preset's network.
+
+    .venv/bin/python benchmarks/bench_training.py                    # lite StarDist, CPU
+    .venv/bin/python benchmarks/bench_training.py --preset paper --device cuda --batch 16 --patch 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, now, write_section  # noqa: E402
+
+
+def step_seconds(config, device, *, amp: bool, channels_last: bool, batch: int, repeats: int):
+    from cellseg_lite import train
+
+    torch.manual_seed(0)
+    model = train.build_model(config, pretrained=False).to(device)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    p = config.patch_size
+    x = torch.rand(batch, 3, p, p, device=device).contiguous(memory_format=memory)
+    if config.stream == "stardist":
+        targets = {
+            "prob": torch.rand(batch, 1, p, p, device=device),
+            "dist": 10 * torch.rand(batch, config.n_rays, p, p, device=device),
+        }
+    else:
+        targets = {
+            "foreground": (torch.rand(batch, p, p, device=device) > 0.5).float(),
+            "hv": 2 * torch.rand(batch, 2, p, p, device=device) - 1,
+        }
+    autocast, _ = train._autocast(device, amp)
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            outputs = model(x)
+        loss = train._loss(config, outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cellseg_lite import train
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="lite", choices=train.PRESETS)
+    parser.add_argument("--stream", default="stardist", choices=train.STREAMS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = train.preset(args.preset, stream=args.stream, patch_size=args.patch)
+    rows = []
+    for amp, channels_last in ((False, False), (False, True), (True, False), (True, True)):
+        seconds = step_seconds(
+            config, device, amp=amp, channels_last=channels_last, batch=args.batch,
+            repeats=args.repeats,
+        )  # fmt: skip
+        rows.append((amp, channels_last, seconds))
+        print(f"amp={amp} channels_last={channels_last}: {seconds:.3f} s/step", flush=True)
+    base = rows[0][2]
+    dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    lines = [
+        f"| {dtype if amp else 'float32'} | {'channels-last' if cl else 'contiguous'} | "
+        f"{s:.3f} | {args.batch / s:.1f} | {base / s:.2f}x |"
+        for amp, cl, s in rows
+    ]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    section = f"""## Training throughput: one step of the `{args.preset}` {args.stream} network ({device_name})
+
+{config.backbone}, {config.decoder} decoder, batch {args.batch} of {args.patch} x {args.patch},
+AdamW, median of {args.repeats} steps after 2 warm-up steps, {args.threads} torch threads.
+
+| precision | memory layout | seconds / step | patches / s | speed-up vs float32 |
+|---|---|---|---|---|
+{chr(10).join(lines)}
+
+- Command: `.venv/bin/python benchmarks/bench_training.py --preset {args.preset} --stream {args.stream} --device {args.device} --batch {args.batch} --patch {args.patch}`
+- Machine: {machine("torch", "timm")}; native CPU bf16: {train.cpu_has_bf16()}
+- Date: {now()}
+"""
+    print(section)
+    if not args.no_write:
+        write_section(f"bench_training_{device.type}", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
