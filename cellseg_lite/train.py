@@ -349,7 +349,7 @@ def _default_thresholds(stream: str) -> dict:
 
 def _threshold_grid(stream: str) -> list[dict]:
     if stream == "stardist":
-        return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7)]
+        return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
     return [{"prob_thresh": p} for p in (0.4, 0.5, 0.6, 0.7)]
 
 
@@ -741,7 +741,8 @@ def train_stream(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
-        model = build_model(config)
+        # weights from a checkpoint replace the ImageNet ones: no need to fetch them
+        model = build_model(config, pretrained=False if (init or resume) else None)
     history = History()
     start_epoch, start_batch = 0, 0
     best_state, best_f1 = None, -1.0
@@ -1016,6 +1017,7 @@ def train_multistream(
     val=None,
     val_fraction: float = 0.12,
     fine_tune: bool = True,
+    pretrained: bool | None = None,
     work_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -1033,7 +1035,8 @@ def train_multistream(
     ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
     held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
     (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"`` or ``"code"``
-    (:data:`cellseg_lite.infer.ROUTINGS`). ``work_dir`` keeps every stage's checkpoint.
+    (:data:`cellseg_lite.infer.ROUTINGS`). ``pretrained`` overrides the preset's ImageNet
+    encoder weights. ``work_dir`` keeps every stage's checkpoint.
     ``log(message)`` receives one line per stage.
     """
     import tempfile
@@ -1043,6 +1046,8 @@ def train_multistream(
 
     preset_name = preset_name or default_preset()
     base = preset(preset_name)
+    if pretrained is not None:
+        base = base.replace(pretrained=bool(pretrained))
     routing_table = infer._check_routing(routing)
     if minutes is not None and (
         isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0

@@ -46,3 +46,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def forget_weight_failures(monkeypatch):
+    """Each test starts without the process's memory of failed weight downloads."""
+    from cellseg_lite import _weights
+
+    monkeypatch.setattr(_weights, "_FAILED", {})

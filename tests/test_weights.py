@@ -43,3 +43,15 @@ def test_programming_errors_are_not_swallowed():
     build, _ = _builder(fail_with=TypeError("bad argument"))
     with pytest.raises(TypeError):
         build_with_pretrained(build, "model", pretrained=True)
+
+
+def test_a_failed_fetch_is_not_retried_in_the_same_process():
+    build, calls = _builder(fail_with=OSError("Name or service not known"))
+    with pytest.warns(PretrainedWeightsWarning, match="Name or service not known"):
+        build_with_pretrained(build, "convnext_atto", pretrained=True)
+    with pytest.warns(PretrainedWeightsWarning, match="Name or service not known"):
+        assert build_with_pretrained(build, "convnext_atto", pretrained=True) == "random"
+    assert calls == [True, False, False]
+    other, other_calls = _builder()
+    assert build_with_pretrained(other, "resnet18", pretrained=True) == "pretrained"
+    assert other_calls == [True]
