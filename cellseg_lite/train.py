@@ -606,6 +606,8 @@ def _setup_distributed(distributed: bool | None, device: torch.device) -> _Distr
         return _Distributed(0, 1, False)
     if dist.is_initialized():
         return _Distributed(dist.get_rank(), dist.get_world_size(), False)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process
     if "MASTER_ADDR" not in os.environ:
         raise CellSegError(
             "distributed: no process group; launch with torchrun (it sets RANK, WORLD_SIZE, "
@@ -713,6 +715,8 @@ def train_stream(
         raise CellSegError("init and resume: give one of them (resume already holds the weights)")
     device = _resolve_device(device)
     ddp = _setup_distributed(distributed, device)
+    if ddp.active and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     train_samples = _samples_of(samples, "samples")
     val_images = _load_val(_samples_of(val, "val")) if val is not None else []
 
