@@ -81,3 +81,32 @@ def check_same_size(image: np.ndarray, labels: np.ndarray, source=None) -> None:
         raise CellSegError(
             f"{where(source)}: image size {image.shape[:2]} and label size {labels.shape[:2]} differ"
         )
+
+
+def resolve_device(device):
+    """``device`` as a ``torch.device``; ``None`` picks CUDA when available, else the CPU."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CellSegError(f"device: not a torch device: {device!r} ({err})") from err
+
+
+def load_torch_file(path, what: str, *, device="cpu"):
+    """``torch.load(path, weights_only=True)``; a missing or damaged file raises a CellSegError
+    that names it and says it is a ``what`` (``"router checkpoint"``, ``"segmenter"``...)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise CellSegError(f"{where(path)}: {what} not found")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise CellSegError(
+            f"{where(path)}: cannot be read as a checkpoint ({what}); is it truncated or corrupt? "
+            f"({type(err).__name__}: {first})"
+        ) from err

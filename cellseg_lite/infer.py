@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cellseg_lite._checks import as_image
+from cellseg_lite._checks import as_image, load_torch_file
 from cellseg_lite._errors import CellSegError, where
 from cellseg_lite.streams import stardist as sd
 
@@ -956,16 +956,7 @@ class MultiStreamSegmenter:
         from cellseg_lite import router, train
 
         path = Path(path)
-        if not path.is_file():
-            raise CellSegError(f"{where(path)}: segmenter file not found")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for a damaged file
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            raise CellSegError(
-                f"{where(path)}: cannot be read as a segmenter; is it truncated or corrupt? "
-                f"({type(err).__name__}: {first})"
-            ) from err
+        checkpoint = load_torch_file(path, "segmenter file")
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != MULTISTREAM_FORMAT:
             kind = checkpoint.get("format") if isinstance(checkpoint, dict) else None
             hint = (

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellseg_lite._checks import as_image
+from cellseg_lite._checks import as_image, load_torch_file, resolve_device
 from cellseg_lite._errors import CellSegError, where
 
 __all__ = [
@@ -481,15 +481,6 @@ class TrainingHistory:
         return asdict(self)
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise CellSegError(f"device: not a torch device: {device!r}") from err
-
-
 def _cache_all(images: Sequence, preprocessing: Preprocessing, name: str) -> list[torch.Tensor]:
     if isinstance(images, np.ndarray | str | os.PathLike) or not isinstance(images, Sequence):
         raise CellSegError(f"{name}: expected a list of images (arrays or paths)")
@@ -612,7 +603,7 @@ def train_router(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise CellSegError(f"seed: expected an integer, got {seed!r}")
     preprocessing = preprocessing or Preprocessing()
-    device = _resolve_device(device)
+    device = resolve_device(device)
 
     started = time.perf_counter()
     tensors = _cache_all(images, preprocessing, "images")
@@ -758,16 +749,8 @@ def save_router(path: str | os.PathLike, router: Router) -> None:
 def load_router(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Router:
     """Read a router written by :func:`save_router`; refuses other and damaged files with a CellSegError."""
     path = Path(path)
-    if not path.is_file():
-        raise CellSegError(f"{where(path)}: router checkpoint not found")
-    device = _resolve_device(device)
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CellSegError(
-            f"{where(path)}: cannot be read as a checkpoint; is it truncated or corrupt? "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from err
+    device = resolve_device(device)
+    checkpoint = load_torch_file(path, "router checkpoint", device=device)
     return from_checkpoint_dict(checkpoint, device=device, source=path)
 
 
@@ -776,7 +759,7 @@ def from_checkpoint_dict(
 ) -> Router:
     """The :class:`Router` of a :func:`checkpoint_dict`; foreign or damaged dicts raise a CellSegError
     naming ``source``."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     path = source
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CellSegError(f"{where(path)}: is not a cellseg-lite router checkpoint")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellseg_lite._checks import load_torch_file, resolve_device
 from cellseg_lite._errors import CellSegError, where
 from cellseg_lite.config import fast_mode
 
@@ -498,16 +499,7 @@ def save_checkpoint(
 
 
 def _read_checkpoint(path: Path, device) -> dict:
-    if not path.is_file():
-        raise CellSegError(f"{where(path)}: model checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise CellSegError(
-            f"{where(path)}: cannot be read as a checkpoint; is it truncated or corrupt? "
-            f"({type(err).__name__}: {first})"
-        ) from err
+    checkpoint = load_torch_file(path, "model checkpoint", device=device)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CellSegError(f"{where(path)}: is not a cellseg-lite stream checkpoint")
     if checkpoint.get("layout") != _CHECKPOINT_LAYOUT:
@@ -574,15 +566,6 @@ def load_checkpoint(
 
 
 # --------------------------------------------------------------------------- 5. the loop
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise CellSegError(f"device: cannot use {device!r} ({err})") from err
 
 
 class _Distributed(NamedTuple):
@@ -713,7 +696,7 @@ def train_stream(
         raise CellSegError(f"steps: expected a positive integer or None, got {steps!r}")
     if init is not None and resume is not None:
         raise CellSegError("init and resume: give one of them (resume already holds the weights)")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     ddp = _setup_distributed(distributed, device)
     if ddp.active and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -1082,7 +1065,7 @@ def train_multistream(
         f"{np.bincount(categories, minlength=4).tolist()} / "
         f"{np.bincount(val_categories, minlength=4).tolist()}"
     )
-    device = _resolve_device(device)
+    device = resolve_device(device)
     scratch = None
     if work_dir is None:
         scratch = tempfile.TemporaryDirectory(prefix="cellseg-lite-")
