@@ -198,7 +198,7 @@ def _preset_table() -> dict[str, TrainConfig]:
         lr_milestones=(0.5, 0.8),
         epochs=10_000,
         minutes=10.0,
-        val_every=5,
+        val_every=10,
         preset="lite",
     )
     fast = lite.replace(
@@ -1005,6 +1005,7 @@ def train_multistream(
     val_fraction: float = 0.12,
     fine_tune: bool = True,
     pretrained: bool | None = None,
+    changes: dict | None = None,
     work_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -1023,7 +1024,8 @@ def train_multistream(
     held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
     (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"`` or ``"code"``
     (:data:`cellseg_lite.infer.ROUTINGS`). ``pretrained`` overrides the preset's ImageNet
-    encoder weights. ``work_dir`` keeps every stage's checkpoint.
+    encoder weights; ``changes`` any other setting of the preset (``{"epochs": 6, "lr": 2e-3}``).
+    ``work_dir`` keeps every stage's checkpoint.
     ``log(message)`` receives one line per stage.
     """
     import tempfile
@@ -1032,7 +1034,7 @@ def train_multistream(
     from cellseg_lite import router as router_module
 
     preset_name = preset_name or default_preset()
-    base = preset(preset_name)
+    base = preset(preset_name, **(changes or {}))
     if pretrained is not None:
         base = base.replace(pretrained=bool(pretrained))
     routing_table = infer._check_routing(routing)
