@@ -23,19 +23,24 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cellseg_lite._errors import CellSegError
 from cellseg_lite.config import fast_mode
 
 __all__ = [
+    "BookSegmenter",
     "Settings",
+    "book_segmenter",
     "cached",
     "data_root",
     "find_real_mini",
     "first_cell",
     "full_mode",
+    "held_out_images",
     "main",
     "real_data",
+    "real_mini_split",
     "repository_url",
     "set_repository",
     "setup",
@@ -395,6 +400,109 @@ def cached(
     if not quiet:
         print(f"{name}: built in {time.perf_counter() - start:.1f} s -> {target}")
     return target
+
+
+# --------------------------------------------------------------------------- the book's segmenter
+
+
+class BookSegmenter(NamedTuple):
+    """The segmenter that chapters 8 and 9 share: its ``folder`` (``model.pt``, the pre-trained
+    streams ``stardist_all.pt``/``hover_all.pt`` for the ablation, ``stages.json``), the training
+    report ``stages`` and the synthetic ``sets`` it was trained on: ``(classes, images per class,
+    training side, test side)``."""
+
+    folder: Path
+    stages: list
+    sets: list
+
+
+def real_mini_split(settings: Settings, split: str) -> list:
+    """The real-mini samples of one split (``"train"`` or ``"val"``); ``[]`` without real-mini."""
+    import csv
+
+    from cellseg_lite import datasets
+
+    if settings.real_mini is None:
+        return []
+    with open(settings.real_mini / "manifest.csv", newline="") as f:
+        stems = [row["stem"] for row in csv.DictReader(f) if row["split"] == split]
+    return datasets.find_pairs(settings.real_mini, stems=stems)
+
+
+def _book_recipe(settings: Settings) -> tuple[list, float | None, dict]:
+    if settings.fast:  # small training images (class 2's large cells need 128 px), larger test ones
+        return [((0, 1, 3), 100, 64, 192), ((2,), 24, 128, 256)], None, {"epochs": 4, "lr": 2e-3}
+    minutes = 20.0 if settings.preset == "lite" else 60.0
+    return [((0, 1, 2, 3), 40, 512, 512)], minutes, {}
+
+
+def book_segmenter(settings: Settings) -> BookSegmenter:
+    """Train the multi-stream method once for the book (cached by :func:`cached`, keyed by the
+    settings) and return where it is: chapter 8 trains it, chapter 9 reuses it or rebuilds it.
+
+    FAST: a few hundred small synthetic images, the ``fast`` preset at four epochs per stage and
+    lr 2e-3, validated on larger images (on 64-pixel ones the boundary rule leaves little to
+    score). Otherwise synthetic and real-mini training images (every 8th one validates; in FULL
+    mode also the challenge's labelled set) and a budget of 20 (``lite``) or 60 (``paper``)
+    minutes.
+    """
+    import tempfile
+
+    from cellseg_lite import synthetic, train
+
+    sets, minutes, changes = _book_recipe(settings)
+    real_train = [] if settings.fast else real_mini_split(settings, "train")
+    real_val = real_train[::8]
+    real = [s for s in real_train if s not in real_val]
+    neurips = real_data("neurips-cellseg") if settings.full else None
+    if neurips is not None:
+        real.append(neurips)
+    key = {
+        "preset": settings.preset, "sets": sets, "minutes": minutes, "changes": changes,
+        "seed": 0, "real": [str(getattr(r, "stem", r)) for r in real + real_val],
+    }  # fmt: skip
+
+    def build(path: Path) -> None:
+        path.mkdir(parents=True)
+        with tempfile.TemporaryDirectory(prefix="cellseg-book-") as tmp:
+            data, val = [], []
+            for i, (classes, n, size, val_size) in enumerate(sets):
+                data.append(Path(tmp) / f"train{i}")
+                synthetic.make_dataset(data[-1], n, size=(size, size), seed=i, categories=classes)
+                val.append(Path(tmp) / f"val{i}")
+                synthetic.make_dataset(
+                    val[-1], 3, size=(val_size, val_size), seed=5000 + i, categories=classes
+                )
+            _, stages = train.train_multistream(
+                data + real, path / "model.pt", val=val + real_val, preset_name=settings.preset,
+                minutes=minutes, changes=changes, work_dir=Path(tmp) / "work", seed=0,
+                progress=settings.progress, log=print,
+            )  # fmt: skip
+            for stream in ("stardist", "hover"):  # without their resume state: a third the size
+                pre = train.load_checkpoint(Path(tmp) / "work" / f"{stream}_all.pt")
+                train.save_checkpoint(
+                    path / f"{stream}_all.pt", pre.model, pre.config, thresholds=pre.thresholds,
+                    categories=pre.categories, history=pre.history,
+                )  # fmt: skip
+        (path / "stages.json").write_text(json.dumps([s._asdict() for s in stages], indent=1))
+
+    folder = cached("book-segmenter", build, key=key)
+    stages = json.loads((folder / "stages.json").read_text())
+    return BookSegmenter(folder, stages, sets)
+
+
+def held_out_images(sets, n_per_class: int, first_seed: int = 10_000) -> list:
+    """``(stem, raw image, labels, class)`` of new synthetic images of each set's classes, at its
+    test size (seeds from ``first_seed``, which training never used)."""
+    from cellseg_lite import synthetic
+
+    images = []
+    for classes, _, _, size in sets:
+        for c in classes:
+            for seed in range(first_seed, first_seed + n_per_class):
+                image, labels = synthetic.make_image(c, size=(size, size), seed=seed)
+                images.append((f"synth_c{c}_{seed}", image, labels, c))
+    return images
 
 
 # --------------------------------------------------------------------------- the repository URL
