@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--synthetic", type=int, default=12, help="synthetic images per class")
     parser.add_argument("--test-synthetic", type=int, default=10, help="held-out per class")
-    parser.add_argument("--routing", default="paper", choices=("paper", "code"))
+    parser.add_argument("--routing", default="paper", choices=("paper", "code", "validated"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -193,7 +193,7 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
 """
     print(section)
     if not args.no_write:
-        write_section("bench_quality", section)
+        write_section(f"bench_quality_{args.routing}", section)
     return 0
 
 

@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=float, default=None, help="total training time budget")
     tr.add_argument(
         "--routing",
-        choices=("paper", "code"),
+        choices=("paper", "code", "validated"),
         default="paper",
-        help="which stream serves each class: the paper's text or the authors' code",
+        help="which stream serves each class: the paper's text, the authors' code, or the better "
+        "stream on each class's validation images (both pre-trained)",
     )
     tr.add_argument("--val", type=Path, default=None, help="validation folder (default: held out)")
     tr.add_argument("--work-dir", type=Path, default=None, help="keep each stage's checkpoint here")

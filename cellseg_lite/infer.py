@@ -984,7 +984,7 @@ class MultiStreamSegmenter:
         routing = (
             name if name in ROUTINGS else {int(c): s for c, s in checkpoint["routing"].items()}
         )
-        return cls(
+        segmenter = cls(
             the_router,
             models,
             routing=routing,
@@ -992,3 +992,5 @@ class MultiStreamSegmenter:
             stride=checkpoint.get("stride"),
             device=device,
         )
+        segmenter.routing_name = str(name)  # e.g. "validated": a table chosen on validation images
+        return segmenter

@@ -1037,7 +1037,9 @@ def train_multistream(
     base = preset(preset_name, **(changes or {}))
     if pretrained is not None:
         base = base.replace(pretrained=bool(pretrained))
-    routing_table = infer._check_routing(routing)
+    validated = routing == "validated"
+    # "validated": both streams are pre-trained; each class then goes to the better one
+    routing_table = infer._check_routing("paper" if validated else routing)
     if minutes is not None and (
         isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
     ):
@@ -1083,6 +1085,8 @@ def train_multistream(
         for stream in set(routing_table.values())
     }
     weight = {stream: max(fraction, 0.2) for stream, fraction in served.items()}
+    if validated:  # which stream serves what is not known yet: an equal chance for both
+        weight = {"stardist": 0.5, "hover": 0.5}
     pretrain_share = BUDGET_SHARES["stardist"] + BUDGET_SHARES["hover"]
     shares = dict(BUDGET_SHARES)
     for stream in ("stardist", "hover"):
@@ -1114,7 +1118,7 @@ def train_multistream(
     }
     pretrained: dict[str, Checkpoint] = {}
     for stream in ("stardist", "hover"):
-        if stream not in routing_table.values():
+        if stream not in routing_table.values() and not validated:
             continue
         started = time.perf_counter()
         path = work_dir / f"{stream}_all.pt"
@@ -1141,6 +1145,29 @@ def train_multistream(
         )
         say(f"{stream} pre-training: {stages[-1].seconds:.0f} s, validation F1 {f1:.3f}")
 
+    # 2b. the validated routing: per class, the pre-trained stream with the higher F1 there
+    class_scores: dict[int, dict[str, tuple[float, dict]]] = {}
+    if validated:
+        started = time.perf_counter()
+        for c in range(4):
+            if not val_by_class[c]:
+                continue  # no images to decide on: the paper's stream
+            images = _load_val(val_by_class[c])
+            class_scores[c] = {
+                stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
+                for stream, ckpt in pretrained.items()
+            }
+            routing_table[c] = max(class_scores[c], key=lambda k: class_scores[c][k][0])
+        detail = ", ".join(
+            f"class {c}: {routing_table[c]} ("
+            + ", ".join(f"{k} {v[0]:.3f}" for k, v in scores.items())
+            + ")"
+            for c, scores in class_scores.items()
+        )
+        stages.append(Stage("routing by validation", time.perf_counter() - started,
+                            float("nan"), True, detail))  # fmt: skip
+        say(f"routing by validation: {detail}")
+
     # 3. fine-tuning per class, kept only where it helps that class
     models: dict[int, Checkpoint] = {c: pretrained[routing_table[c]] for c in range(4)}
     tunable = [
@@ -1152,9 +1179,15 @@ def train_multistream(
         stream = routing_table[c]
         started = time.perf_counter()
         class_samples = [s for s, k in zip(samples, categories, strict=True) if k == c]
-        before, before_thresholds = evaluate_stream(
-            pretrained[stream].model, stream, _load_val(val_by_class[c]), _threshold_grid(stream)
-        )
+        if c in class_scores:
+            before, before_thresholds = class_scores[c][stream]
+        else:
+            before, before_thresholds = evaluate_stream(
+                pretrained[stream].model,
+                stream,
+                _load_val(val_by_class[c]),
+                _threshold_grid(stream),
+            )
         path = work_dir / f"{stream}_class{c}.pt"
         config = base.replace(
             stream=stream,
@@ -1195,7 +1228,11 @@ def train_multistream(
             f"({'kept' if kept else 'pre-trained model kept'})"
         )
 
-    segmenter = infer.MultiStreamSegmenter(the_router, models, routing=routing, device=device)
+    segmenter = infer.MultiStreamSegmenter(
+        the_router, models, routing=dict(routing_table) if validated else routing, device=device
+    )
+    if validated:
+        segmenter.routing_name = "validated"
     segmenter.save(out)
     if scratch is not None:
         scratch.cleanup()

@@ -101,3 +101,24 @@ def test_a_stream_checkpoint_of_another_backbone_is_refused_by_fine_tuning(tmp_p
     with pytest.raises(Exception, match="backbone='convnext_atto'"):
         train.train_stream(data, config.replace(backbone="convnext_pico"), init=pre, progress=False)
     assert torch.load(pre, weights_only=True)["config"]["backbone"] == "convnext_atto"
+
+
+def test_validated_routing_sends_each_class_to_its_better_stream(tmp_path):
+    import re
+
+    data = tmp_path / "data"
+    synthetic.make_dataset(data, 3, size=(128, 128), seed=9)
+    segmenter, stages = train.train_multistream(
+        data, tmp_path / "model.pt", preset_name="fast", routing="validated", fine_tune=False,
+        progress=False,
+    )  # fmt: skip
+    routing_stage = next(s for s in stages if s.name == "routing by validation")
+    decided = re.findall(
+        r"class (\d): (\w+) \(stardist ([\d.]+), hover ([\d.]+)\)", routing_stage.detail
+    )
+    assert len(decided) == 4  # one selection image per class
+    for c, stream, f1_stardist, f1_hover in decided:
+        better = "stardist" if float(f1_stardist) >= float(f1_hover) else "hover"
+        assert stream == better == segmenter.routing[int(c)]
+    loaded = infer.MultiStreamSegmenter.load(tmp_path / "model.pt")
+    assert loaded.routing_name == "validated" and loaded.routing == segmenter.routing
