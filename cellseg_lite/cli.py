@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train the router and both streams (pre-training, then fine-tuning per class)",
         description="Train the multi-stream method on labelled folders in the challenge layout "
-        "(images/, labels/<stem>_label.tiff) and write one model file. Runs under torchrun for "
-        "several GPUs.",
+        "(images/, labels/<stem>_label.tiff) and write one model file, in one process (for several "
+        "GPUs, train each stream with train.train_stream under torchrun).",
     )
     tr.add_argument("--data", type=Path, action="append", help="a labelled folder (repeatable)")
     tr.add_argument(

@@ -1044,6 +1044,12 @@ def train_multistream(
         isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
     ):
         raise CellSegError(f"minutes: expected a positive number or None, got {minutes!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CellSegError(
+            "train_multistream runs in one process; under torchrun train each stream with "
+            "train.train_stream (DistributedDataParallel, see chapter 7) and build the segmenter "
+            "from the checkpoints"
+        )
     say = log or (lambda message: None)
     folders = [data] if isinstance(data, str | os.PathLike) else list(data)
     samples = []

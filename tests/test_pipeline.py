@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellseg_lite import cli, infer, io, synthetic, train
+from cellseg_lite import CellSegError, cli, infer, io, synthetic, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -122,3 +122,9 @@ def test_validated_routing_sends_each_class_to_its_better_stream(tmp_path):
         assert stream == better == segmenter.routing[int(c)]
     loaded = infer.MultiStreamSegmenter.load(tmp_path / "model.pt")
     assert loaded.routing_name == "validated" and loaded.routing == segmenter.routing
+
+
+def test_the_whole_method_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CellSegError, match="runs in one process; under torchrun train each stream"):
+        train.train_multistream(tmp_path, tmp_path / "model.pt", preset_name="fast")
