@@ -55,6 +55,7 @@ __all__ = [
     "fetch",
     "file_hash",
     "find_pairs",
+    "load_sample",
     "masks_to_labels",
     "sample_patch",
 ]
@@ -233,6 +234,19 @@ def _int_at_least(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled sample's normalised image ``(H, W, 3)`` uint8 (:func:`cellseg_lite.io.normalize_image`)
+    and its labels ``(H, W)`` int32; a label image of another size raises a CellSegError."""
+    image = cio.normalize_image(cio.read_image(sample.image_path), source=sample.image_path)
+    labels = cio.read_labels(sample.label_path)
+    if image.shape[:2] != labels.shape:
+        raise CellSegError(
+            f"{where(sample.label_path)}: label size {labels.shape} differs from the size "
+            f"{image.shape[:2]} of its image {where(sample.image_path)}"
+        )
+    return image, labels
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Random square training patches from labelled images, for a PyTorch ``DataLoader``.
 
@@ -311,14 +325,7 @@ class PatchDataset(torch.utils.data.Dataset):
         """The whole normalised image ``(H, W, 3)`` uint8 and its labels ``(H, W)`` int32."""
         if sample_index in self._cache:
             return self._cache[sample_index]
-        sample = self.samples[sample_index]
-        image = cio.normalize_image(cio.read_image(sample.image_path), source=sample.image_path)
-        labels = cio.read_labels(sample.label_path)
-        if image.shape[:2] != labels.shape:
-            raise CellSegError(
-                f"{where(sample.label_path)}: label size {labels.shape} differs from the size "
-                f"{image.shape[:2]} of its image {where(sample.image_path)}"
-            )
+        image, labels = load_sample(self.samples[sample_index])
         if self.cache:
             self._cache[sample_index] = (image, labels)
         return image, labels

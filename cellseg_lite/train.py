@@ -355,17 +355,12 @@ def _threshold_grid(stream: str) -> list[dict]:
 
 
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from cellseg_lite import io
+    """Whole validation images as ``(stem, network input (H, W, 3) in [0, 1], labels)``."""
+    from cellseg_lite.datasets import load_sample
 
     loaded = []
     for sample in samples:
-        image = io.normalize_image(io.read_image(sample.image_path), source=sample.image_path)
-        labels = io.read_labels(sample.label_path)
-        if image.shape[:2] != labels.shape:
-            raise CellSegError(
-                f"{where(sample.label_path)}: label size {labels.shape} differs from its image's "
-                f"{image.shape[:2]}"
-            )
+        image, labels = load_sample(sample)
         loaded.append((sample.stem, image.astype(np.float32) / 255.0, labels))
     return loaded
 
