@@ -191,7 +191,10 @@ def _preset_table() -> dict[str, TrainConfig]:
     paper = TrainConfig(preset="paper")
     lite = TrainConfig(
         backbone="convnext_atto",
-        patch_size=256,
+        # 128, not 256: on a 2-core CPU a StarDist step is then ~4x cheaper, and in 6 minutes the
+        # stream reached val F1 0.375 against 0.243 (HoVer 0.629 against 0.626): more updates
+        # beat larger patches when minutes are scarce (benchmarks/RESULTS.md, lite patch size)
+        patch_size=128,
         batch_size=8,
         lr=1e-3,
         warmup_steps=50,
@@ -215,7 +218,7 @@ def _preset_table() -> dict[str, TrainConfig]:
 
 
 #: Preset names: ``"paper"`` (ConvNeXt-small, pretrained, 512 patches, batch 16, AdamW 1e-4, 800
-#: epochs halved at 200: GPUs), ``"lite"`` (convnext_atto, 256 patches, batch 8, AdamW 1e-3 with
+#: epochs halved at 200: GPUs), ``"lite"`` (convnext_atto, 128 patches, batch 8, AdamW 1e-3 with
 #: warm-up, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
 #: downloads: CI and FAST mode).
 PRESETS = ("paper", "lite", "fast")
@@ -659,6 +662,7 @@ def train_stream(
     resume: str | os.PathLike | None = None,
     categories: Sequence[int] | None = None,
     steps: int | None = None,
+    session_minutes: float | None = None,
     tune_thresholds: bool = True,
     device: str | torch.device | None = None,
     distributed: bool | None = None,
@@ -676,7 +680,9 @@ def train_stream(
     ``init``: start from a pre-trained checkpoint's weights (fine-tuning; another architecture is
     refused). ``categories``: the low-level classes this model is for, stored in the checkpoint.
     ``steps``: stop this session after so many optimisation steps (like ``config.minutes``, a
-    budget: the checkpoint can be resumed). Under ``torchrun`` (or ``distributed=True``) each
+    budget: the checkpoint can be resumed); ``session_minutes`` the same in minutes of this session
+    (a probe run, continued later with ``resume=out``; a resumed run may get a new
+    ``config.minutes``, and its learning-rate schedule then follows the new budget). Under ``torchrun`` (or ``distributed=True``) each
     process trains on its share of every epoch with DistributedDataParallel; only rank 0
     validates and writes ``out``. The model returned is in eval mode, with the best weights.
     """
@@ -689,6 +695,14 @@ def train_stream(
         raise CellSegError(f"config: expected a TrainConfig, got {type(config).__name__}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise CellSegError(f"steps: expected a positive integer or None, got {steps!r}")
+    if session_minutes is not None and (
+        isinstance(session_minutes, bool)
+        or not isinstance(session_minutes, int | float)
+        or not session_minutes > 0
+    ):
+        raise CellSegError(
+            f"session_minutes: expected a positive number or None, got {session_minutes!r}"
+        )
     if init is not None and resume is not None:
         raise CellSegError("init and resume: give one of them (resume already holds the weights)")
     device = resolve_device(device)
@@ -863,8 +877,13 @@ def train_stream(
                 rate = session_patches / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", patches_s=f"{rate:.1f}")
-                stop = (budget is not None and elapsed() > budget) or (
-                    steps is not None and session_steps >= steps
+                stop = (
+                    (budget is not None and elapsed() > budget)
+                    or (steps is not None and session_steps >= steps)
+                    or (
+                        session_minutes is not None
+                        and time.perf_counter() - started > 60.0 * session_minutes
+                    )
                 )
                 if ddp.active:  # every rank stops at the same step
                     flag = torch.tensor([float(stop)], device=device)
@@ -933,6 +952,9 @@ def train_stream(
 #: image (0.67 together, split between the streams by the images their classes hold, at least a
 #: fifth each) and the per-class fine-tuning (split evenly over the classes that have images).
 BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0.25}
+#: Under the validated routing, the share of the pre-training budget that each stream trains for
+#: before the selection images choose between them (the winners share the rest).
+VALIDATION_PROBE = 0.2
 
 
 def router_settings(preset_name: str) -> dict:
@@ -1086,8 +1108,6 @@ def train_multistream(
         for stream in set(routing_table.values())
     }
     weight = {stream: max(fraction, 0.2) for stream, fraction in served.items()}
-    if validated:  # which stream serves what is not known yet: an equal chance for both
-        weight = {"stardist": 0.5, "hover": 0.5}
     pretrain_share = BUDGET_SHARES["stardist"] + BUDGET_SHARES["hover"]
     shares = dict(BUDGET_SHARES)
     for stream in ("stardist", "hover"):
@@ -1118,12 +1138,11 @@ def train_multistream(
         c: [s for s, k in zip(val_samples, val_categories, strict=True) if k == c] for c in range(4)
     }
     pretrained: dict[str, Checkpoint] = {}
-    for stream in ("stardist", "hover"):
-        if stream not in routing_table.values() and not validated:
-            continue
+    configs: dict[str, TrainConfig] = {}
+
+    def pretrain(stream: str, config: TrainConfig, name: str, **session) -> None:
         started = time.perf_counter()
         path = work_dir / f"{stream}_all.pt"
-        config = base.replace(stream=stream, minutes=share(stream), seed=seed)
         train_stream(
             samples,
             config,
@@ -1132,33 +1151,64 @@ def train_multistream(
             categories=list(range(4)),
             device=device,
             progress=progress,
+            **session,
         )
         pretrained[stream] = load_checkpoint(path, device=device)
+        configs[stream] = config
         f1 = float(pretrained[stream].history.get("best_f1", float("nan")))
-        stages.append(
-            Stage(
-                f"{stream} on all",
-                time.perf_counter() - started,
-                f1,
-                True,
-                str(pretrained[stream].thresholds),
+        thresholds = str(pretrained[stream].thresholds)
+        stages.append(Stage(name, time.perf_counter() - started, f1, True, thresholds))
+        say(f"{name}: {stages[-1].seconds:.0f} s, validation F1 {f1:.3f}")
+
+    pretrain_minutes = None if minutes is None else minutes * pretrain_share
+    if not validated:
+        for stream in ("stardist", "hover"):
+            if stream in routing_table.values():
+                config = base.replace(stream=stream, minutes=share(stream), seed=seed)
+                pretrain(stream, config, f"{stream} on all")
+    else:
+        # A race (successive halving with two runners): both streams train for a probe of the
+        # budget, the selection images of each class choose between them, and only the streams
+        # that won a class continue, each resuming its own run. Streams learn at very different
+        # rates per CPU-minute, so an equal split would waste half the budget on the loser.
+        probe = None if minutes is None else pretrain_minutes * VALIDATION_PROBE
+        for stream in ("stardist", "hover"):
+            # the budget the stream would reach if it won every class: the probe stays in the
+            # learning-rate schedule's first stage, so continuing it is seamless
+            config = base.replace(
+                stream=stream,
+                seed=seed,
+                minutes=None if minutes is None else pretrain_minutes - probe,
             )
-        )
-        say(f"{stream} pre-training: {stages[-1].seconds:.0f} s, validation F1 {f1:.3f}")
+            if minutes is None:  # no budget: the probe is a fifth of the preset's epochs
+                config = config.replace(epochs=max(1, round(base.epochs * VALIDATION_PROBE)))
+            pretrain(stream, config, f"{stream} probe", session_minutes=probe)
 
     # 2b. the validated routing: per class, the pre-trained stream with the higher F1 there
     class_scores: dict[int, dict[str, tuple[float, dict]]] = {}
     if validated:
         started = time.perf_counter()
+        overall_f1 = {
+            k: float(np.nan_to_num(ckpt.history.get("best_f1", 0.0)))
+            for k, ckpt in pretrained.items()
+        }
         for c in range(4):
-            if not val_by_class[c]:
-                continue  # no images to decide on: the paper's stream
-            images = _load_val(val_by_class[c])
-            class_scores[c] = {
-                stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
-                for stream, ckpt in pretrained.items()
-            }
-            routing_table[c] = max(class_scores[c], key=lambda k: class_scores[c][k][0])
+            if val_by_class[c]:
+                images = _load_val(val_by_class[c])
+                class_scores[c] = {
+                    stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
+                    for stream, ckpt in pretrained.items()
+                }
+                # a tie (say 0 against 0 after a short probe) goes to the better stream overall
+                routing_table[c] = max(
+                    class_scores[c],
+                    key=lambda k: (class_scores[c][k][0], overall_f1[k]),
+                )
+        wins = [routing_table[c] for c in class_scores]
+        overall = max(("stardist", "hover"), key=wins.count) if wins else None
+        for c in range(4):
+            if c not in class_scores and overall is not None:
+                routing_table[c] = overall  # no images to decide on: the stream that won most
         detail = ", ".join(
             f"class {c}: {routing_table[c]} ("
             + ", ".join(f"{k} {v[0]:.3f}" for k, v in scores.items())
@@ -1168,6 +1218,29 @@ def train_multistream(
         stages.append(Stage("routing by validation", time.perf_counter() - started,
                             float("nan"), True, detail))  # fmt: skip
         say(f"routing by validation: {detail}")
+        winners = [s for s in ("stardist", "hover") if s in routing_table.values()]
+        spent = sum(st.seconds for st in stages if st.name.endswith(" probe")) / 60
+        for stream in winners:
+            if minutes is None:
+                config = configs[stream].replace(epochs=base.epochs)
+            else:  # the winners share what the probes left
+                done = float(pretrained[stream].history.get("seconds", 0.0)) / 60
+                left = max(pretrain_minutes - spent, 0.0) / len(winners)
+                if left < 0.05:
+                    continue
+                config = configs[stream].replace(minutes=done + left)
+            path = work_dir / f"{stream}_all.pt"
+            pretrain(stream, config, f"{stream} on all (continued)", resume=path)
+        # the probe's selection scores were of the probe's weights: score the continued ones
+        for c in class_scores:
+            stream = routing_table[c]
+            if any(st.name == f"{stream} on all (continued)" for st in stages):
+                class_scores[c][stream] = evaluate_stream(
+                    pretrained[stream].model,
+                    stream,
+                    _load_val(val_by_class[c]),
+                    _threshold_grid(stream),
+                )
 
     # 3. fine-tuning per class, kept only where it helps that class
     models: dict[int, Checkpoint] = {c: pretrained[routing_table[c]] for c in range(4)}

@@ -110,18 +110,30 @@ def test_validated_routing_sends_each_class_to_its_better_stream(tmp_path):
     synthetic.make_dataset(data, 3, size=(128, 128), seed=9)
     segmenter, stages = train.train_multistream(
         data, tmp_path / "model.pt", preset_name="fast", routing="validated", fine_tune=False,
-        progress=False,
+        progress=False, work_dir=tmp_path / "stages",
     )  # fmt: skip
     routing_stage = next(s for s in stages if s.name == "routing by validation")
     decided = re.findall(
         r"class (\d): (\w+) \(stardist ([\d.]+), hover ([\d.]+)\)", routing_stage.detail
     )
     assert len(decided) == 4  # one selection image per class
+    overall = {
+        s.name.split()[0]: s.val_f1 for s in stages if s.name.endswith(" probe")
+    }  # ties go to the stream with the higher selection F1 overall
     for c, stream, f1_stardist, f1_hover in decided:
-        better = "stardist" if float(f1_stardist) >= float(f1_hover) else "hover"
-        assert stream == better == segmenter.routing[int(c)]
+        scores = {"stardist": (float(f1_stardist), overall["stardist"]),
+                  "hover": (float(f1_hover), overall["hover"])}  # fmt: skip
+        assert stream == max(scores, key=scores.get) == segmenter.routing[int(c)]
     loaded = infer.MultiStreamSegmenter.load(tmp_path / "model.pt")
     assert loaded.routing_name == "validated" and loaded.routing == segmenter.routing
+    # a race: both streams train a probe (a fifth of the epochs, at least one), the winners go on
+    names = [s.name for s in stages]
+    assert names[1:3] == ["stardist probe", "hover probe"]
+    for stream in ("stardist", "hover"):
+        epochs = train.load_checkpoint(tmp_path / "stages" / f"{stream}_all.pt").history["epochs"]
+        won = stream in segmenter.routing.values()
+        assert (f"{stream} on all (continued)" in names) == won
+        assert epochs == (train.preset("fast").epochs if won else 1)
 
 
 def test_the_whole_method_refuses_to_run_under_torchrun(tmp_path, monkeypatch):

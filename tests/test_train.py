@@ -144,6 +144,24 @@ def test_time_budget_stops_and_can_be_resumed(tiny_data, tmp_path):
     assert train.load_checkpoint(out).resume["elapsed"] >= 3.0
 
 
+def test_session_minutes_stop_a_probe_that_resume_continues_under_a_new_budget(tiny_data, tmp_path):
+    out = tmp_path / "probe.pt"
+    config = fast(epochs=1000, minutes=10.0)
+    _, probe = train.train_stream(tiny_data, config, out=out, session_minutes=1e-4, progress=False)
+    assert probe.stopped_early and probe.steps == 1  # the first step is past the session's time
+    assert probe.lr[0] == config.lr  # far from the schedule's first milestone
+    _, resumed = train.train_stream(
+        tiny_data, config.replace(epochs=3), out=out, resume=out, progress=False
+    )
+    assert (
+        resumed.steps == 3 * 2
+        and resumed.epochs == 3
+        and resumed.step_loss[0] == probe.step_loss[0]
+    )
+    with pytest.raises(CellSegError, match="session_minutes: expected a positive number"):
+        train.train_stream(tiny_data, config, session_minutes=0, progress=False)
+
+
 def test_validation_keeps_the_best_epoch_and_tunes_the_threshold(tiny_data, tmp_path):
     from cellseg_lite import datasets
 
