@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("paper", "code", "validated"),
         default="paper",
         help="which stream serves each class: the paper's text, the authors' code, or the better "
-        "stream on each class's validation images (both pre-trained)",
+        "stream on each class's validation images (both pre-train a probe, the winners go on)",
     )
     tr.add_argument("--val", type=Path, default=None, help="validation folder (default: held out)")
     tr.add_argument("--work-dir", type=Path, default=None, help="keep each stage's checkpoint here")

@@ -191,9 +191,8 @@ def _preset_table() -> dict[str, TrainConfig]:
     paper = TrainConfig(preset="paper")
     lite = TrainConfig(
         backbone="convnext_atto",
-        # 128, not 256: on a 2-core CPU a StarDist step is then ~4x cheaper, and in 6 minutes the
-        # stream reached val F1 0.375 against 0.243 (HoVer 0.629 against 0.626): more updates
-        # beat larger patches when minutes are scarce (benchmarks/RESULTS.md, lite patch size)
+        # 128, not 256: a step is ~4x cheaper, and when CPU minutes are scarce more updates on
+        # less context learn more (benchmarks/bench_patch_size.py, results in RESULTS.md)
         patch_size=128,
         batch_size=8,
         lr=1e-3,
