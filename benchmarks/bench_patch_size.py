@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             line = (
                 f"| {stream} | {size} | {history.steps} | {seconds / max(history.steps, 1):.2f} | "
-                f"{f1:.3f} | " + " | ".join(f"{v:.3f}" for v in per) + f" | {thresholds['prob_thresh']} |"
+                f"{f1:.3f} | "
+                + " | ".join(f"{v:.3f}" for v in per)
+                + f" | {thresholds['prob_thresh']} |"
             )
             print(line, flush=True)
             lines.append(line)
