@@ -10,6 +10,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
@@ -70,3 +71,33 @@ def write_section(name: str, section: str, path: Path = RESULTS) -> None:
         f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+class RealMini(NamedTuple):
+    """The real-mini set's fixed splits: train and val samples, and each stem's modality."""
+
+    root: Path
+    train: list
+    val: list
+    modality: dict[str, str]
+
+
+def real_mini() -> RealMini | None:
+    """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent."""
+    import csv
+
+    from cellseg_lite import datasets
+
+    env = os.environ.get("CELLSEG_REAL_MINI")
+    root = (
+        Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mini"
+    )
+    if not (root / "manifest.csv").is_file():
+        return None
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def split(name: str) -> list:
+        return datasets.find_pairs(root, stems=[r["stem"] for r in rows if r["split"] == name])
+
+    return RealMini(root, split("train"), split("val"), {r["stem"]: r["modality"] for r in rows})

@@ -14,7 +14,6 @@ the question is whether more updates on less context learn more per minute.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, write_section  # noqa: E402
+from _results import machine, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
@@ -42,15 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from cellseg_lite import datasets, metrics, synthetic, train
 
-    root = REPO.parent / "shared" / "data" / "real-mini"
-    if not (root / "manifest.csv").is_file():
-        print(f"real-mini not found at {root}", file=sys.stderr)
+    real = real_mini()
+    if real is None:
+        print(
+            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
+        )
         return 1
-    with open(root / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    modality = {r["stem"]: r["modality"] for r in rows}
-    real_train = datasets.find_pairs(root, stems=[r["stem"] for r in rows if r["split"] == "train"])
-    real_val = datasets.find_pairs(root, stems=[r["stem"] for r in rows if r["split"] == "val"])
+    real_train, real_val, modality = real.train, real.val, real.modality
     syn = args.work / "synthetic_train"
     synthetic.make_dataset(syn, 12, size=(256, 256), seed=0)
     samples = [*real_train, *datasets.find_pairs(syn)]

@@ -18,7 +18,6 @@ the paper's Table 4), and the classical floor (Otsu + watershed), all measured i
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -27,17 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, write_section  # noqa: E402
+from _results import machine, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
-
-
-def real_mini_root() -> Path:
-    import os
-
-    env = os.environ.get("CELLSEG_REAL_MINI")
-    return Path(env) if env else REPO.parent / "shared" / "data" / "real-mini"
 
 
 def load(samples):
@@ -78,15 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from cellseg_lite import classical, datasets, demo, metrics, synthetic, train
     from cellseg_lite.categorize import low_level_category
 
-    root = real_mini_root()
-    if not (root / "manifest.csv").is_file():
-        print(f"real-mini not found at {root}", file=sys.stderr)
+    real = real_mini()
+    if real is None:
+        print(
+            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
+        )
         return 1
-    with open(root / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    modality = {r["stem"]: r["modality"] for r in rows}
-    real_train = datasets.find_pairs(root, stems=[r["stem"] for r in rows if r["split"] == "train"])
-    real_val = datasets.find_pairs(root, stems=[r["stem"] for r in rows if r["split"] == "val"])
+    real_train, real_val, modality = real.train, real.val, real.modality
     args.work.mkdir(parents=True, exist_ok=True)
     syn_train, syn_test = args.work / "synthetic_train", args.work / "synthetic_test"
     synthetic.make_dataset(syn_train, args.synthetic, size=(256, 256), seed=args.seed)
