@@ -1192,18 +1192,17 @@ def train_multistream(
             k: float(np.nan_to_num(ckpt.history.get("best_f1", 0.0)))
             for k, ckpt in pretrained.items()
         }
-        for c in range(4):
-            if val_by_class[c]:
-                images = _load_val(val_by_class[c])
-                class_scores[c] = {
-                    stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
-                    for stream, ckpt in pretrained.items()
-                }
-                # a tie (say 0 against 0 after a short probe) goes to the better stream overall
-                routing_table[c] = max(
-                    class_scores[c],
-                    key=lambda k: (class_scores[c][k][0], overall_f1[k]),
-                )
+        class_images = {c: _load_val(val_by_class[c]) for c in range(4) if val_by_class[c]}
+        for c, images in class_images.items():
+            class_scores[c] = {
+                stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
+                for stream, ckpt in pretrained.items()
+            }
+            # a tie (say 0 against 0 after a short probe) goes to the better stream overall
+            routing_table[c] = max(
+                class_scores[c],
+                key=lambda k: (class_scores[c][k][0], overall_f1[k]),
+            )
         wins = [routing_table[c] for c in class_scores]
         overall = max(("stardist", "hover"), key=wins.count) if wins else None
         for c in range(4):
@@ -1220,6 +1219,7 @@ def train_multistream(
         say(f"routing by validation: {detail}")
         winners = [s for s in ("stardist", "hover") if s in routing_table.values()]
         spent = sum(st.seconds for st in stages if st.name.endswith(" probe")) / 60
+        continued = set()
         for stream in winners:
             if minutes is None:
                 config = configs[stream].replace(epochs=base.epochs)
@@ -1231,15 +1231,13 @@ def train_multistream(
                 config = configs[stream].replace(minutes=done + left)
             path = work_dir / f"{stream}_all.pt"
             pretrain(stream, config, f"{stream} on all (continued)", resume=path)
+            continued.add(stream)
         # the probe's selection scores were of the probe's weights: score the continued ones
         for c in class_scores:
             stream = routing_table[c]
-            if any(st.name == f"{stream} on all (continued)" for st in stages):
+            if stream in continued:
                 class_scores[c][stream] = evaluate_stream(
-                    pretrained[stream].model,
-                    stream,
-                    _load_val(val_by_class[c]),
-                    _threshold_grid(stream),
+                    pretrained[stream].model, stream, class_images[c], _threshold_grid(stream)
                 )
 
     # 3. fine-tuning per class, kept only where it helps that class
