@@ -42,12 +42,14 @@ __all__ = [
     "PAD_MODES",
     "ROUTINGS",
     "TILED_PIXELS",
+    "HOVER_TUNED",
     "HoverMaps",
     "MultiStreamSegmenter",
     "StarDistMaps",
     "StreamModel",
     "blend_window",
     "hover_maps",
+    "hover_settings",
     "model_predictor",
     "sliding_window",
     "stardist_candidates_tiled",
@@ -719,6 +721,14 @@ CODE_TALL_IMAGE = 4000
 TILED_PIXELS = 4096 * 4096
 MULTISTREAM_FORMAT = "cellseg-lite-multistream"
 _MULTISTREAM_LAYOUT = 1
+#: Watershed settings (:class:`cellseg_lite.streams.hover.WatershedParams`) that a HoVer model's
+#: tuned thresholds may carry besides ``prob_thresh``.
+HOVER_TUNED = ("marker_threshold",)
+
+
+def hover_settings(thresholds: dict) -> dict:
+    """The watershed overrides among a HoVer model's tuned thresholds (:data:`HOVER_TUNED`)."""
+    return {name: thresholds[name] for name in HOVER_TUNED if name in thresholds}
 
 
 class StreamModel(NamedTuple):
@@ -905,7 +915,7 @@ class MultiStreamSegmenter:
         fg, hv = hover_maps(
             model.model, x, tile=tile, stride=stride, batch_size=self.batch_size, progress=progress
         )
-        return hv_stream.instances(fg, hv, t.get("prob_thresh", 0.6))
+        return hv_stream.instances(fg, hv, t.get("prob_thresh", 0.6), **hover_settings(t))
 
     # ----------------------------------------------------------------- one file
 

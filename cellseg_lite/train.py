@@ -88,7 +88,10 @@ class TrainConfig:
     ``lr_gamma`` at each fraction of the run in ``lr_milestones`` (the paper: x0.5 at epoch 200
     of 800, i.e. at 0.25), after a linear warm-up of ``warmup_steps``. Length: ``epochs``, and
     optionally a budget of ``minutes`` (the run stops after the first step past it, validation
-    included; the schedule then follows elapsed time). ``val_every``: epochs between
+    included; the schedule then follows elapsed time). ``ema_decay``: keep an exponential moving
+    average of the weights (``torch.optim.swa_utils``, BatchNorm statistics included) with this
+    decay per step, and validate, keep and export the average instead of the raw weights (the
+    paper has none: ``None``). ``val_every``: epochs between
     validations. ``amp``: mixed precision (bf16, or fp16 on GPUs without bf16); ``None`` means on
     CUDA and on CPUs with native bf16 (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows
     ``amp``. ``loss``: the StarDist
@@ -112,6 +115,7 @@ class TrainConfig:
     warmup_steps: int = 0
     epochs: int = 800
     minutes: float | None = None
+    ema_decay: float | None = None
     val_every: int = 10
     amp: bool | None = None
     channels_last: bool | None = None
@@ -181,6 +185,12 @@ def _check_config(c: TrainConfig) -> None:
     positive_number("lr_gamma")
     if c.minutes is not None:
         positive_number("minutes")
+    if c.ema_decay is not None and not (
+        isinstance(c.ema_decay, int | float)
+        and not isinstance(c.ema_decay, bool)
+        and 0 < c.ema_decay < 1
+    ):
+        raise CellSegError(f"ema_decay: expected a number in (0, 1) or None, got {c.ema_decay!r}")
     if not all(isinstance(m, int | float) and 0 < m < 1 for m in c.lr_milestones):
         raise CellSegError(
             f"lr_milestones: expected fractions of the run in (0, 1), got {c.lr_milestones!r}"
@@ -201,6 +211,9 @@ def _preset_table() -> dict[str, TrainConfig]:
         lr_milestones=(0.5, 0.8),
         epochs=10_000,
         minutes=10.0,
+        # the last weights of a short run at lr 1e-3 are noisy (two 5-minute HoVer runs: val F1
+        # 0.619 and 0.532); their moving average scored 0.660 (benchmarks/bench_lite_recipe.py)
+        ema_decay=0.99,
         val_every=10,
         preset="lite",
     )
@@ -211,6 +224,7 @@ def _preset_table() -> dict[str, TrainConfig]:
         warmup_steps=0,
         epochs=2,
         minutes=None,
+        ema_decay=None,  # a run of a few steps would export nearly its initial weights
         val_every=1,
         preset="fast",
     )
@@ -219,7 +233,7 @@ def _preset_table() -> dict[str, TrainConfig]:
 
 #: Preset names: ``"paper"`` (ConvNeXt-small, pretrained, 512 patches, batch 16, AdamW 1e-4, 800
 #: epochs halved at 200: GPUs), ``"lite"`` (convnext_atto, 128 patches, batch 8, AdamW 1e-3 with
-#: warm-up, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
+#: warm-up, a moving average of the weights, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
 #: downloads: CI and FAST mode).
 PRESETS = ("paper", "lite", "fast")
 
@@ -342,9 +356,12 @@ def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:
         return stardist.instances(
             maps[0], maps[1:], thresholds.get("prob_thresh", 0.5), thresholds.get("nms_thresh", 0.4)
         )
+    from cellseg_lite.infer import hover_settings
     from cellseg_lite.streams import hover
 
-    return hover.instances(maps[0], maps[1:], thresholds.get("prob_thresh", 0.6))
+    return hover.instances(
+        maps[0], maps[1:], thresholds.get("prob_thresh", 0.6), **hover_settings(thresholds)
+    )
 
 
 def _default_thresholds(stream: str) -> dict:
@@ -354,7 +371,13 @@ def _default_thresholds(stream: str) -> dict:
 def _threshold_grid(stream: str) -> list[dict]:
     if stream == "stardist":
         return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
-    return [{"prob_thresh": p} for p in (0.4, 0.5, 0.6, 0.7)]
+    # HoVer: the marker threshold too, since a network's HV slopes are shallower than the exact
+    # targets' (0.5 is the default; 0.25 splits more touching cells, benchmarks/RESULTS.md)
+    return [
+        {"prob_thresh": p, "marker_threshold": m}
+        for p in (0.4, 0.5, 0.6, 0.7, 0.8)
+        for m in (0.25, 0.5)
+    ]
 
 
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -673,8 +696,10 @@ def train_stream(
 
     ``samples``: a challenge-layout folder or a list of :class:`cellseg_lite.datasets.Sample`;
     ``val``: the same for validation (whole images, challenge F1 every ``config.val_every``
-    epochs; the best epoch's weights are kept and, with ``tune_thresholds``, the probability
-    threshold that maximises validation F1 is stored with them). ``config``: a
+    epochs; the best epoch's weights are kept and, with ``tune_thresholds``, the post-processing
+    thresholds that maximise validation F1 are stored with them: the probability threshold, and
+    HoVer's marker threshold). With ``config.ema_decay`` the moving average of the weights is
+    what is validated, kept and returned; the resume state holds the raw weights and the average. ``config``: a
     :class:`TrainConfig` (default: :func:`default_preset`). ``out``: the checkpoint, rewritten
     atomically after every epoch, so a stopped run can continue with ``resume=out``.
     ``init``: start from a pre-trained checkpoint's weights (fine-tuning; another architecture is
@@ -771,6 +796,15 @@ def train_stream(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
+    ema = None
+    if config.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+        if resume_state is not None and resume_state.get("ema"):
+            _load_state(ema, resume_state["ema"], resume)
     autocast, amp_dtype = _autocast(device, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if resume_state is not None:
@@ -801,6 +835,10 @@ def train_stream(
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
 
+    def deployed() -> nn.Module:
+        """The weights that are validated and exported: the moving average, if there is one."""
+        return model if ema is None else ema.module
+
     def run_progress(step: int) -> float:
         by_steps = step / total_steps_hint
         return max(by_steps, elapsed() / budget) if budget else by_steps
@@ -817,6 +855,10 @@ def train_stream(
             "batch": position[1],
             "elapsed": elapsed(),
             "best_f1": best_f1,
+            # the average with its step count (AveragedModel.n_averaged), not only its weights
+            "ema": None
+            if ema is None
+            else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()},
         }
         save_checkpoint(
             out,
@@ -861,6 +903,8 @@ def train_stream(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if ema is not None:
+                    ema.update_parameters(model)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise CellSegError(
@@ -899,11 +943,11 @@ def train_stream(
                 history.epochs = epoch + 1
                 due = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
                 if val_images and is_main and due:
-                    f1, _ = evaluate_stream(model, config.stream, val_images, thresholds)
+                    f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds)
                     history.val_f1.append((epoch + 1, f1))
                     if f1 > best_f1:
                         best_f1, history.best_epoch, history.best_f1 = f1, epoch + 1, f1
-                        best_state = _model_state(model)
+                        best_state = _model_state(deployed())
                 if on_epoch is not None and is_main:
                     on_epoch(epoch, history)
             if stop:
@@ -915,27 +959,32 @@ def train_stream(
 
     history.patches_per_second = session_patches / max(time.perf_counter() - started, 1e-9)
     if ddp.active:
-        for buffer in model.buffers():  # BatchNorm statistics: every rank takes rank 0's
+        averaged = [] if ema is None else list(ema.module.buffers())
+        for buffer in [*model.buffers(), *averaged]:  # BatchNorm statistics: rank 0's everywhere
             torch.distributed.broadcast(buffer.data, src=0)
-    last_state = None
+    last_state, export = None, None  # export: the weights returned, if not the last raw ones
     if val_images and is_main:
         if best_state is None:  # no validation ran yet (a short budget): score the last weights
-            f1, _ = evaluate_stream(model, config.stream, val_images, thresholds)
+            f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds)
             history.val_f1.append((history.epochs, f1))
             best_f1, history.best_epoch, history.best_f1 = f1, history.epochs, f1
-            best_state = _model_state(model)
+            best_state = _model_state(deployed())
+        export = best_state
+    elif ema is not None and not val_images:  # nothing to choose from: the last average
+        export = best_state = _model_state(ema.module)
+    if export is not None:
         last_state = _model_state(model)
-        model.load_state_dict(best_state)
-        if tune_thresholds:
+        model.load_state_dict(export)
+        if val_images and is_main and tune_thresholds:
             history.best_f1, thresholds = evaluate_stream(
                 model, config.stream, val_images, _threshold_grid(config.stream)
             )
     history.thresholds = dict(thresholds)
     if last_state is not None:  # the resume state continues from the last weights, not the best
-        best_state, current = _model_state(model), model.state_dict()
+        best_state = _model_state(model)  # a copy: load_state_dict writes into the same tensors
         model.load_state_dict(last_state)
         save(position)
-        model.load_state_dict(current)
+        model.load_state_dict(best_state)
     else:
         save(position)
     if ddp.initialised_here:

@@ -153,3 +153,30 @@ def test_construction_checks(streams):
         )
     with pytest.raises(CellSegError, match=r"models\[0\]: expected a StreamModel"):
         infer.MultiStreamSegmenter(router.Router(), dict.fromkeys(range(4), "model.pt"))
+
+
+def test_hover_models_carry_their_tuned_marker_threshold(streams, monkeypatch):
+    from cellseg_lite.streams import hover
+
+    seen = []
+    original = hover.instances
+    monkeypatch.setattr(
+        hover,
+        "instances",
+        lambda *a, **k: seen.append(k.get("marker_threshold")) or original(*a, **k),
+    )
+    star, hv = streams
+    tuned = hv._replace(thresholds={"prob_thresh": 0.6, "marker_threshold": 0.25})
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), {0: star, 1: tuned, 2: star, 3: star}
+    )
+    image, _ = synthetic.make_image(1, size=(64, 64), seed=0)
+    segmenter.segment(image, category=1)
+    maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0)
+    train.segment_maps("hover", maps, tuned.thresholds)
+    train.segment_maps("hover", maps, {"prob_thresh": 0.6})
+    assert seen == [0.25, 0.25, None]
+    assert infer.hover_settings({"prob_thresh": 0.6, "marker_threshold": 0.25, "x": 1}) == {
+        "marker_threshold": 0.25
+    }
+    assert {"marker_threshold"} <= set(train._threshold_grid("hover")[0])

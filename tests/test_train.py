@@ -66,6 +66,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"minutes": 0}, "minutes: expected a positive number"),
         ({"lr_milestones": (1.5,)}, "lr_milestones: expected fractions"),
         ({"loss": "focal"}, "loss: expected 'paper' or 'code'"),
+        ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -136,6 +137,26 @@ def test_resume_continues_the_same_run(tiny_data, tmp_path):
     assert same_weights(straight.state_dict(), resumed.state_dict())
 
 
+def test_moving_average_is_exported_and_resumed_with_its_step_count(tiny_data, tmp_path):
+    config = fast(epochs=3, ema_decay=0.5)
+    straight, _ = train.train_stream(tiny_data, config, out=tmp_path / "a.pt", progress=False)
+    saved = train.load_checkpoint(tmp_path / "a.pt")
+    raw, average = saved.resume["model"], saved.resume["ema"]
+    assert int(average["n_averaged"]) == 3 * 2
+    # the exported (and returned) weights are the average, the resume state the raw weights
+    exported = straight.state_dict()
+    assert same_weights(
+        exported, {k[len("module.") :]: v for k, v in average.items() if k != "n_averaged"}
+    )
+    assert not same_weights(exported, raw)
+    no_average, _ = train.train_stream(tiny_data, fast(epochs=3), progress=False)
+    assert same_weights(no_average.state_dict(), raw)  # averaging does not change the run
+    out = tmp_path / "b.pt"
+    train.train_stream(tiny_data, config, out=out, steps=4, progress=False)
+    resumed, _ = train.train_stream(tiny_data, config, out=out, resume=out, progress=False)
+    assert same_weights(exported, resumed.state_dict())
+
+
 def test_time_budget_stops_and_can_be_resumed(tiny_data, tmp_path):
     out = tmp_path / "budget.pt"
     config = fast(epochs=1000, minutes=0.05)
@@ -173,7 +194,10 @@ def test_validation_keeps_the_best_epoch_and_tunes_the_threshold(tiny_data, tmp_
     assert [e for e, _ in history.val_f1][:2] == [1, 2]
     assert history.best_epoch in (1, 2)
     assert "prob_thresh" in history.thresholds
-    assert train.load_checkpoint(out).thresholds == history.thresholds
+    saved = train.load_checkpoint(out)
+    assert saved.thresholds == history.thresholds
+    # the model returned holds the best epoch's weights, as the checkpoint does, not the last ones
+    assert same_weights(model.state_dict(), saved.model.state_dict())
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tiny_data, tmp_path):
