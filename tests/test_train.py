@@ -80,6 +80,17 @@ def test_unknown_preset_is_refused():
         train.preset("huge")
 
 
+def test_bf16_needs_the_cpu_instructions_not_only_onednn(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
+    assert train.cpu_has_bf16(cpuinfo) is False  # oneDNN says yes here, and runs 2x slower
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert train.cpu_has_bf16(cpuinfo) is True
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\n")  # ARM
+    assert train.cpu_has_bf16(cpuinfo) is True
+    assert isinstance(train.cpu_has_bf16(tmp_path / "missing"), bool)  # falls back to oneDNN
+
+
 def test_learning_rate_schedule_warms_up_and_halves():
     config = fast(lr=1e-3, warmup_steps=10, lr_milestones=(0.25, 0.5), lr_gamma=0.5)
     assert train._learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
