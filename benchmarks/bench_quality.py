@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             "of each class choose between them, and only the winners continue their runs. A stream "
             "that won no class appears in the single-stream rows below with its probe's weights."
         )
+    ema = train.preset("lite").ema_decay
+    average = "" if ema is None else f", moving average of the weights with decay {ema}"
     multi = list(methods)[-2]
     timing = metrics.timing_table(scores[multi, "real-mini val"], largest=3)
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 and the keep-or-drop decision of each fine-tuned model; the real-mini VAL split is used for
 nothing but the scores below. Training took **{train_minutes:.1f} minutes** of wall time in all
 (loop budget {args.minutes:g} minutes, the rest is threshold tuning and the fine-tuning
-comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}).{race}
+comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}{average}).{race}
 
 | stage | minutes | selection score | kept | note |
 |---|---|---|---|---|

@@ -4,7 +4,8 @@ One AdamW step (forward, loss, backward, update) of a stream network on a batch 
 patches with random targets, timed as the median of ``--repeats`` steps after two warm-up steps,
 for each precision and memory layout. On a CPU with native bfloat16 (AVX512-BF16/AMX) the `lite`
 preset turns on bf16 autocast with channels-last memory (`train.cpu_has_bf16`); this measures
-why. On a CUDA GPU it measures the `paper` preset's network.
+why, and on a CPU without it (where oneDNN converts to float32 and back) why not: the two
+kinds of CPU write separate sections. On a CUDA GPU it measures the `paper` preset's network.
 
     .venv/bin/python benchmarks/bench_training.py                    # lite StarDist, CPU
     .venv/bin/python benchmarks/bench_training.py --preset paper --device cuda --batch 16 --patch 512
@@ -110,7 +111,9 @@ AdamW, median of {args.repeats} steps after 2 warm-up steps, {args.threads} torc
 """
     print(section)
     if not args.no_write:
-        write_section(f"bench_training_{device.type}", section)
+        # CPUs with and without native bf16 keep separate sections: they answer differently
+        native = device.type != "cpu" or train.cpu_has_bf16()
+        write_section(f"bench_training_{device.type}{'' if native else '_no_bf16'}", section)
     return 0
 
 

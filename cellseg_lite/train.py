@@ -211,9 +211,6 @@ def _preset_table() -> dict[str, TrainConfig]:
         lr_milestones=(0.5, 0.8),
         epochs=10_000,
         minutes=10.0,
-        # the last weights of a short run at lr 1e-3 are noisy (two 5-minute HoVer runs: val F1
-        # 0.619 and 0.532); their moving average scored 0.660 (benchmarks/bench_lite_recipe.py)
-        ema_decay=0.99,
         val_every=10,
         preset="lite",
     )
@@ -224,7 +221,6 @@ def _preset_table() -> dict[str, TrainConfig]:
         warmup_steps=0,
         epochs=2,
         minutes=None,
-        ema_decay=None,  # a run of a few steps would export nearly its initial weights
         val_every=1,
         preset="fast",
     )
@@ -233,7 +229,7 @@ def _preset_table() -> dict[str, TrainConfig]:
 
 #: Preset names: ``"paper"`` (ConvNeXt-small, pretrained, 512 patches, batch 16, AdamW 1e-4, 800
 #: epochs halved at 200: GPUs), ``"lite"`` (convnext_atto, 128 patches, batch 8, AdamW 1e-3 with
-#: warm-up, a moving average of the weights, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
+#: warm-up, a 10-minute budget: a CPU or Colab), ``"fast"`` (64-pixel patches, two epochs, no
 #: downloads: CI and FAST mode).
 PRESETS = ("paper", "lite", "fast")
 

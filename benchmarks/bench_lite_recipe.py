@@ -1,0 +1,141 @@
+"""Variants of the `lite` training recipe: which spends a few CPU minutes best, and how noisy is it?
+
+Trains the HoVer stream (``train.train_stream``, `lite` preset, from scratch) for the same
+wall-time budget on the real-mini TRAIN split plus 48 synthetic images, once per variant and seed,
+and scores the weights it exports on the real-mini VAL split (challenge F1, mean of per-image F1)
+at the post-processing settings best there (the grid of ``train.evaluate_stream``: probability
+and marker thresholds), and on 40 held-out synthetic images at the same settings. There is no
+validation inside the budget, so a run exports its last weights, or their moving average.
+
+Variants (``--variants``): ``last`` (the lite preset: the last raw weights), ``ema`` (a moving
+average of the weights, ``ema_decay=0.99`` per step), ``code-decoder`` (the authors' decoder,
+output stride 2 instead of 4).
+
+    .venv/bin/python benchmarks/bench_lite_recipe.py                 # 5 minutes per run, ~27 in all
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 2 --seeds 0 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, now, real_mini, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
+EMA_DECAY = 0.99
+VARIANTS = {
+    "last": {},
+    "ema": {"ema_decay": EMA_DECAY},
+    "code-decoder": {"decoder": "code"},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget of each run")
+    parser.add_argument("--variants", nargs="+", default=["last", "ema"], choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_lite_recipe")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from cellseg_lite import datasets, metrics, synthetic, train
+
+    real = real_mini()
+    if real is None:
+        print(
+            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
+        )
+        return 1
+    syn_train, syn_test = args.work / "synthetic_train", args.work / "synthetic_test"
+    synthetic.make_dataset(syn_train, 12, size=(256, 256), seed=0)
+    synthetic.make_dataset(syn_test, 10, size=(256, 256), seed=1000)
+    samples = [*real.train, *datasets.find_pairs(syn_train)]
+    val = train._load_val(real.val)
+    held_out = train._load_val(datasets.find_pairs(syn_test))
+
+    lines, by_variant = [], {}
+    for variant in args.variants:
+        for seed in args.seeds:
+            config = train.preset(
+                "lite", stream="hover", pretrained=False, minutes=args.minutes, seed=seed,
+                val_every=10**6, **VARIANTS[variant],  # no validation inside the budget
+            )  # fmt: skip
+            started = time.perf_counter()
+            model, history = train.train_stream(samples, config, progress=False)
+            seconds = time.perf_counter() - started
+            f1, thresholds = train.evaluate_stream(
+                model, "hover", val, train._threshold_grid("hover")
+            )
+            per_image = {
+                stem: metrics.f1_score(
+                    labels,
+                    train.segment_maps("hover", train.predict_maps(model, image), thresholds),
+                )
+                for stem, image, labels in val
+            }
+            synthetic_f1, _ = train.evaluate_stream(model, "hover", held_out, thresholds)
+            per = [
+                np.mean([v for s, v in per_image.items() if real.modality[s] == m])
+                for m in MODALITIES
+            ]
+            by_variant.setdefault(variant, []).append((f1, synthetic_f1))
+            line = (
+                f"| {variant} | {seed} | {history.steps} | {seconds / max(history.steps, 1):.2f} | "
+                f"**{f1:.3f}** | "
+                + " | ".join(f"{v:.3f}" for v in per)
+                + f" | {synthetic_f1:.3f} | {thresholds['prob_thresh']}, "
+                f"{thresholds['marker_threshold']} |"
+            )
+            print(line, flush=True)
+            lines.append(line)
+
+    summary = [
+        f"| {variant} | {np.mean([r for r, _ in runs]):.3f} "
+        f"({', '.join(f'{r:.3f}' for r, _ in runs)}) | {np.mean([s for _, s in runs]):.3f} |"
+        for variant, runs in by_variant.items()
+    ]
+    section = f"""## The `lite` recipe: {args.minutes:g} CPU minutes of HoVer per run
+
+The HoVer stream trained from scratch (`lite`: convnext_atto, 128-pixel patches, batch 8, AdamW
+1e-3, the paper's augmentations) for {args.minutes:g} minutes of wall time on the 156 real-mini
+TRAIN images and 48 synthetic ones, no validation inside the budget; the weights it exports
+scored on the 40 real-mini VAL images (challenge F1, mean of per-image F1) at the probability and
+marker thresholds best there (`train._threshold_grid("hover")`), and on 40 held-out synthetic
+images (seed 1000) at the same thresholds. Variants: `last` (the `lite` preset) exports the last
+raw weights, `ema` their moving average (`ema_decay={EMA_DECAY}` per step,
+`torch.optim.swa_utils.AveragedModel` with BatchNorm statistics), `code-decoder` uses the authors'
+decoder (output stride 2). Seconds per step include the data pipeline.
+
+| variant | seed | steps | s / step | val F1 | {" | ".join(MODALITIES)} | synthetic F1 | thresholds (prob, marker) |
+|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
+Mean over seeds (val F1 of each run in brackets):
+
+| variant | val F1 | synthetic F1 |
+|---|---|---|
+{chr(10).join(summary)}
+
+- Command: `.venv/bin/python benchmarks/bench_lite_recipe.py --minutes {args.minutes:g} --variants {" ".join(args.variants)} --seeds {" ".join(map(str, args.seeds))}`
+- Machine: {machine("torch", "timm", "stardist")}; bf16 on CPU: {train.cpu_has_bf16()}
+- Date: {now()}
+"""
+    print(section)
+    if not args.no_write:
+        write_section("bench_lite_recipe", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
