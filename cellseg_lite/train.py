@@ -640,8 +640,9 @@ def cpu_has_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
 
     oneDNN also reports bf16 support on AVX512 CPUs without these instructions
     (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), where it converts to float32 and back: on
-    such a Xeon a lite training step under bf16 autocast took 2.1x longer than in float32
-    (``benchmarks/bench_training.py``). So the CPU flags decide on Linux, oneDNN elsewhere.
+    such a Xeon a lite HoVer training step under bf16 autocast took 2.4x longer than in float32
+    (0.560 s against 0.230 s, ``benchmarks/bench_training.py``, RESULTS.md). So the CPU flags
+    decide on Linux, oneDNN elsewhere.
     """
     flags = _cpu_flags(cpuinfo)
     if flags is not None:
@@ -1106,7 +1107,7 @@ def train_multistream(
     rule; train the router on those classes; pre-train the StarDist and HoVer streams on all
     images; fine-tune the pre-trained model of each class's stream on that class's images. Each
     fine-tuned model is kept only if it beats the pre-trained one on that class's validation
-    images (the challenge F1), and each model's probability threshold is tuned there.
+    images (the challenge F1), and each model's post-processing thresholds are tuned there.
     ``data``: a folder, a list of folders or a list of :class:`~cellseg_lite.datasets.Sample`.
     ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
     held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
