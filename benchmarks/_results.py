@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -82,8 +83,9 @@ class RealMini(NamedTuple):
     modality: dict[str, str]
 
 
-def real_mini() -> RealMini | None:
-    """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent."""
+def real_mini(*, required: bool = False) -> RealMini | None:
+    """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent,
+    or, with ``required``, exit with a message saying where it was looked for."""
     import csv
 
     from cellseg_lite import datasets
@@ -93,6 +95,8 @@ def real_mini() -> RealMini | None:
         Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mini"
     )
     if not (root / "manifest.csv").is_file():
+        if required:
+            sys.exit(f"real-mini not found ({root}; set $CELLSEG_REAL_MINI to its folder)")
         return None
     with open(root / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cellseg_lite import datasets, metrics, synthetic, train
 
-    real = real_mini()
-    if real is None:
-        print(
-            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
-        )
-        return 1
+    real = real_mini(required=True)
     syn_train, syn_test = args.work / "synthetic_train", args.work / "synthetic_test"
     synthetic.make_dataset(syn_train, 12, size=(256, 256), seed=0)
     synthetic.make_dataset(syn_test, 10, size=(256, 256), seed=1000)

@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cellseg_lite import datasets, metrics, synthetic, train
 
-    real = real_mini()
-    if real is None:
-        print(
-            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
-        )
-        return 1
+    real = real_mini(required=True)
     real_train, real_val, modality = real.train, real.val, real.modality
     syn = args.work / "synthetic_train"
     synthetic.make_dataset(syn, 12, size=(256, 256), seed=0)

@@ -70,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from cellseg_lite import classical, datasets, demo, metrics, synthetic, train
     from cellseg_lite.categorize import low_level_category
 
-    real = real_mini()
-    if real is None:
-        print(
-            "real-mini not found (../shared/data/real-mini or $CELLSEG_REAL_MINI)", file=sys.stderr
-        )
-        return 1
+    real = real_mini(required=True)
     real_train, real_val, modality = real.train, real.val, real.modality
     args.work.mkdir(parents=True, exist_ok=True)
     syn_train, syn_test = args.work / "synthetic_train", args.work / "synthetic_test"

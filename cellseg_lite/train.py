@@ -368,7 +368,8 @@ def _threshold_grid(stream: str) -> list[dict]:
     if stream == "stardist":
         return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
     # HoVer: the marker threshold too, since a network's HV slopes are shallower than the exact
-    # targets' (0.5 is the default; 0.25 splits more touching cells, benchmarks/RESULTS.md)
+    # targets' (0.5 is the default; 0.25 splits more touching cells, and every run of
+    # bench_lite_recipe in benchmarks/RESULTS.md chose it)
     return [
         {"prob_thresh": p, "marker_threshold": m}
         for p in (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -470,9 +471,13 @@ class History:
         return history
 
 
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
 def _model_state(model: nn.Module) -> dict:
     model = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return _cpu_copy(model.state_dict())
 
 
 def save_checkpoint(
@@ -879,9 +884,7 @@ def train_stream(
             "elapsed": elapsed(),
             "best_f1": best_f1,
             # the average with its step count (AveragedModel.n_averaged), not only its weights
-            "ema": None
-            if ema is None
-            else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()},
+            "ema": None if ema is None else _cpu_copy(ema.state_dict()),
         }
         save_checkpoint(
             out,
