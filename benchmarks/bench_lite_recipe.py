@@ -9,15 +9,20 @@ validation inside the budget, so a run exports its last weights, or their moving
 
 Variants (``--variants``): ``last`` (the lite preset: the last raw weights), ``ema`` (a moving
 average of the weights, ``ema_decay=0.99`` per step), ``code-decoder`` (the authors' decoder,
-output stride 2 instead of 4).
+output stride 2 instead of 4); and the precision of the training step: ``float32``, ``bf16``
+(autocast forward pass, the loss in float32, as ``train`` does) and ``bf16-loss`` (the loss
+computed in bf16 as well, as ``train`` did before the fix: what that cost). Precision variants go
+to their own RESULTS section.
 
     .venv/bin/python benchmarks/bench_lite_recipe.py                 # 5 minutes per run, ~27 in all
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 2 --seeds 0 --no-write
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants float32 bf16 bf16-loss
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -35,7 +40,45 @@ VARIANTS = {
     "last": {},
     "ema": {"ema_decay": EMA_DECAY},
     "code-decoder": {"decoder": "code"},
+    "float32": {"amp": False},
+    "bf16": {"amp": True},
+    "bf16-loss": {"amp": True},
 }
+PRECISION = ("float32", "bf16", "bf16-loss")
+DESCRIPTIONS = {
+    "last": "`last` (the `lite` preset) exports the last raw weights",
+    "ema": f"`ema` their moving average (`ema_decay={EMA_DECAY}` per step, "
+    "`torch.optim.swa_utils.AveragedModel` with BatchNorm statistics)",
+    "code-decoder": "`code-decoder` uses the authors' decoder (output stride 2)",
+    "float32": "`float32` trains without autocast",
+    "bf16": "`bf16` runs the forward pass under bf16 autocast and the loss in float32 "
+    "(what `train` does)",
+    "bf16-loss": "`bf16-loss` computes the loss in bf16 too, on the bf16 outputs (what `train` did "
+    "before the fix; this script reproduces it by wrapping `train._loss`)",
+}
+
+
+@contextlib.contextmanager
+def loss_in_bf16(enabled: bool):
+    """Train as before the fix: the loss from the bf16 outputs, without casting them to float32."""
+    from cellseg_lite import train
+
+    if not enabled:
+        yield
+        return
+    float32_loss = train._loss
+
+    def bf16_loss(config, outputs, batch):  # train._loss without its cast to float32
+        from cellseg_lite.streams import hover
+
+        assert config.stream == "hover", "this script trains the HoVer stream"
+        return hover.loss(*outputs, batch["foreground"], batch["hv"])
+
+    train._loss = bf16_loss
+    try:
+        yield
+    finally:
+        train._loss = float32_loss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 val_every=10**6, **VARIANTS[variant],  # no validation inside the budget
             )  # fmt: skip
             started = time.perf_counter()
-            model, history = train.train_stream(samples, config, progress=False)
+            with loss_in_bf16(variant == "bf16-loss"):
+                model, history = train.train_stream(samples, config, progress=False)
             seconds = time.perf_counter() - started
             f1, thresholds = train.evaluate_stream(
                 model, "hover", val, train._threshold_grid("hover")
@@ -100,17 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(f'{r:.3f}' for r, _ in runs)}) | {np.mean([s for _, s in runs]):.3f} |"
         for variant, runs in by_variant.items()
     ]
-    section = f"""## The `lite` recipe: {args.minutes:g} CPU minutes of HoVer per run
+    precision = any(v in PRECISION for v in args.variants)
+    title = "precision of the training step" if precision else "recipe"
+    section = f"""## The `lite` {title}: {args.minutes:g} CPU minutes of HoVer per run
 
 The HoVer stream trained from scratch (`lite`: convnext_atto, 128-pixel patches, batch 8, AdamW
 1e-3, the paper's augmentations) for {args.minutes:g} minutes of wall time on the 156 real-mini
 TRAIN images and 48 synthetic ones, no validation inside the budget; the weights it exports
 scored on the 40 real-mini VAL images (challenge F1, mean of per-image F1) at the probability and
 marker thresholds best there (`train._threshold_grid("hover")`), and on 40 held-out synthetic
-images (seed 1000) at the same thresholds. Variants: `last` (the `lite` preset) exports the last
-raw weights, `ema` their moving average (`ema_decay={EMA_DECAY}` per step,
-`torch.optim.swa_utils.AveragedModel` with BatchNorm statistics), `code-decoder` uses the authors'
-decoder (output stride 2). Seconds per step include the data pipeline.
+images (seed 1000) at the same thresholds. Variants: {"; ".join(DESCRIPTIONS[v] for v in args.variants)}.
+Seconds per step include the data pipeline.
 
 | variant | seed | steps | s / step | val F1 | {" | ".join(MODALITIES)} | synthetic F1 | thresholds (prob, marker) |
 |---|---|---|---|---|---|---|---|---|---|---|
@@ -128,7 +172,7 @@ Mean over seeds (val F1 of each run in brackets):
 """
     print(section)
     if not args.no_write:
-        write_section("bench_lite_recipe", section)
+        write_section("bench_lite_precision" if precision else "bench_lite_recipe", section)
     return 0
 
 

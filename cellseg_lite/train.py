@@ -92,8 +92,9 @@ class TrainConfig:
     average of the weights (``torch.optim.swa_utils``, BatchNorm statistics included) with this
     decay per step, and validate, keep and export the average instead of the raw weights (the
     paper has none: ``None``). ``val_every``: epochs between
-    validations. ``amp``: mixed precision (bf16, or fp16 on GPUs without bf16); ``None`` means on
-    CUDA and on CPUs with native bf16 (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows
+    validations. ``amp``: mixed precision of the forward pass (bf16, or fp16 on GPUs without bf16;
+    the loss is computed in float32 either way); ``None`` means on CUDA and on CPUs with native
+    bf16 (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows
     ``amp``. ``loss``: the StarDist
     loss variant (``"paper"`` or ``"code"``). ``num_workers``: DataLoader processes computing
     patches and targets.
@@ -310,6 +311,9 @@ _TARGET_KEYS = ("prob", "dist", "foreground", "hv")
 
 
 def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
+    # in float32 even after a bf16 forward pass: bf16 keeps 8 bits of an HV value, too coarse
+    # for the MSGE term's finite differences (benchmarks/RESULTS.md, bench_lite_precision)
+    outputs = tuple(output.float() for output in outputs)
     if config.stream == "stardist":
         from cellseg_lite.streams import stardist
 
