@@ -16,7 +16,7 @@ to their own RESULTS section.
 
     .venv/bin/python benchmarks/bench_lite_recipe.py                 # 5 minutes per run, ~27 in all
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 2 --seeds 0 --no-write
-    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants float32 bf16 bf16-loss
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 3 --variants bf16-loss bf16 float32
 """
 
 from __future__ import annotations
