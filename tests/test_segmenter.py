@@ -155,18 +155,24 @@ def test_construction_checks(streams):
         infer.MultiStreamSegmenter(router.Router(), dict.fromkeys(range(4), "model.pt"))
 
 
-def test_hover_models_carry_their_tuned_marker_threshold(streams, monkeypatch):
+def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch):
     from cellseg_lite.streams import hover
 
     seen = []
     original = hover.instances
+    tuned_names = ("marker_threshold", "marker_min_fraction", "foreground_min_fraction")
     monkeypatch.setattr(
         hover,
         "instances",
-        lambda *a, **k: seen.append(k.get("marker_threshold")) or original(*a, **k),
+        lambda *a, **k: seen.append(tuple(k.get(n) for n in tuned_names)) or original(*a, **k),
     )
     star, hv = streams
-    tuned = hv._replace(thresholds={"prob_thresh": 0.6, "marker_threshold": 0.25})
+    settings = {
+        "marker_threshold": 0.25,
+        "marker_min_fraction": 0.1,
+        "foreground_min_fraction": 0.05,
+    }
+    tuned = hv._replace(thresholds={"prob_thresh": 0.6, **settings})
     segmenter = infer.MultiStreamSegmenter(
         router.Router(router.build_router().eval()), {0: star, 1: tuned, 2: star, 3: star}
     )
@@ -175,8 +181,26 @@ def test_hover_models_carry_their_tuned_marker_threshold(streams, monkeypatch):
     maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0)
     train.segment_maps("hover", maps, tuned.thresholds)
     train.segment_maps("hover", maps, {"prob_thresh": 0.6})
-    assert seen == [0.25, 0.25, None]
-    assert infer.hover_settings({"prob_thresh": 0.6, "marker_threshold": 0.25, "x": 1}) == {
-        "marker_threshold": 0.25
-    }
-    assert {"marker_threshold"} <= set(train._threshold_grid("hover")[0])
+    assert seen == [(0.25, 0.1, 0.05), (0.25, 0.1, 0.05), (None, None, None)]
+    assert infer.hover_settings({"prob_thresh": 0.6, **settings, "x": 1}) == settings
+    grid = train._threshold_grid("hover")
+    assert all(set(tuned_names) <= set(candidate) for candidate in grid)
+    floors = {(t["marker_min_fraction"], t["foreground_min_fraction"]) for t in grid}
+    assert len(floors) == len(train.HOVER_SIZE_FLOORS) > 1
+
+
+def test_a_tuned_size_floor_drops_specks_that_the_default_floor_keeps():
+    from cellseg_lite.streams import hover
+
+    labels = np.zeros((96, 96), np.int32)
+    yy, xx = np.mgrid[:96, :96]
+    for i, (y, x) in enumerate([(24, 24), (24, 70), (70, 24), (70, 70)], start=1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= 12**2] = i
+    labels[46:49, 46:49] = 5  # a 9-pixel speck, 2 % of a cell's ~450 pixels
+    fg, hv = hover.targets(labels)
+    maps = np.concatenate([fg[None].astype(np.float32), hv])
+    default = train.segment_maps("hover", maps, {"prob_thresh": 0.5})
+    strict = train.segment_maps("hover", maps, {"prob_thresh": 0.5, **train.HOVER_SIZE_FLOORS[-1]})
+    assert len(np.unique(default)) - 1 == 5
+    assert len(np.unique(strict)) - 1 == 4
+    assert not strict[46:49, 46:49].any()
