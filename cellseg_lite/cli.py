@@ -104,6 +104,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     files = _image_files(args.inputs)
     segmenter = infer.MultiStreamSegmenter.load(args.model, device=args.device or "cpu")
+    if args.tta is not None:
+        segmenter.tta = args.tta
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for path in files:
@@ -222,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="output folder")
     pr.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--device", default=None, help="cpu, cuda ... (default: cpu)")
+    pr.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the maps of four flips of every tile (4x the time); default: as each "
+        "stream's thresholds were tuned (HoVer with, StarDist without)",
+    )
     pr.add_argument("--quiet", action="store_true", help="only the summary line")
     pr.set_defaults(func=_cmd_predict)
 

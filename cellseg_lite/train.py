@@ -65,6 +65,7 @@ __all__ = [
     "save_checkpoint",
     "segment_maps",
     "train_stream",
+    "uses_tta",
 ]
 
 #: The two segmentation streams of the method.
@@ -92,13 +93,15 @@ class TrainConfig:
     included; the schedule then follows elapsed time). ``ema_decay``: keep an exponential moving
     average of the weights (``torch.optim.swa_utils``, BatchNorm statistics included) with this
     decay per step, and validate, keep and export the average instead of the raw weights (the
-    paper has none: ``None``). ``val_every``: epochs between
-    validations. ``amp``: mixed precision of the forward pass (bf16, or fp16 on GPUs without bf16;
-    the loss is computed in float32 either way); ``None`` means on CUDA and on CPUs with native
-    bf16 (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows
-    ``amp``. ``loss``: the StarDist
+    paper has none: ``None``). ``val_every``: epochs between validations. ``amp``: mixed
+    precision of the forward pass (bf16, or fp16 on GPUs without bf16; the loss is computed in
+    float32 either way); ``None`` means on CUDA and on CPUs with native bf16
+    (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows ``amp``. ``loss``: the StarDist
     loss variant (``"paper"`` or ``"code"``). ``num_workers``: DataLoader processes computing
-    patches and targets.
+    patches and targets. ``tta``: tune the post-processing on flip-averaged maps
+    (:func:`cellseg_lite.infer.flip_averaged`), which the segmenter then predicts too (four
+    forward passes per tile); ``None`` means for HoVer only (:func:`uses_tta`). The periodic
+    validation that picks the best epoch uses plain maps either way.
     """
 
     stream: str = "stardist"
@@ -123,6 +126,7 @@ class TrainConfig:
     channels_last: bool | None = None
     loss: str = "paper"
     num_workers: int = 0
+    tta: bool | None = None
     seed: int = 0
     preset: str = "custom"
 
@@ -174,6 +178,8 @@ def _check_config(c: TrainConfig) -> None:
 
     if c.stream not in STREAMS:
         raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {c.stream!r}")
+    if c.tta is not None and not isinstance(c.tta, bool):
+        raise CellSegError(f"tta: expected True, False or None, got {c.tta!r}")
     if c.loss not in ("paper", "code"):
         raise CellSegError(f"loss: expected 'paper' or 'code', got {c.loss!r}")
     for name in ("patch_size", "batch_size", "patches_per_image", "epochs", "val_every", "n_rays"):
@@ -254,6 +260,17 @@ def default_preset() -> str:
 # --------------------------------------------------------------------------- 2. models and data
 
 
+def uses_tta(config: TrainConfig) -> bool:
+    """Whether a stream's thresholds are tuned, and its images segmented, on flip-averaged maps.
+
+    ``config.tta``, where ``None`` means HoVer yes, StarDist no: on two trained HoVer models the
+    four flips raised real-mini val F1 (RESULTS.md, ``bench_postprocess.py --compare tta``),
+    while a StarDist whole-slide image already takes a quarter of the challenge's time
+    tolerance without them (``bench_wholeslide.py``).
+    """
+    return (config.stream == "hover") if config.tta is None else bool(config.tta)
+
+
 def build_model(config: TrainConfig, *, pretrained: bool | None = None) -> nn.Module:
     """The network of a config: ``ConvNeXtStarDist`` or ``ConvNeXtHover``."""
     pretrained = config.pretrained if pretrained is None else pretrained
@@ -330,18 +347,23 @@ def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
 
 
 def predict_maps(
-    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512
+    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512, tta: bool = False
 ) -> np.ndarray:
     """The stream's output maps ``(K, H, W)`` float32 of one network input ``(H, W, 3)`` in [0, 1].
 
     StarDist: ``prob`` then ``dist`` (``1 + R`` channels); HoVer: foreground probability, then
     ``hv`` (3 channels). Images larger than ``tile`` go through
-    :func:`cellseg_lite.infer.sliding_window`; smaller ones through one forward pass.
+    :func:`cellseg_lite.infer.sliding_window`; smaller ones through one forward pass. ``tta``:
+    the mean of the maps of the image's four flips (:func:`cellseg_lite.infer.flip_averaged`).
     """
     from cellseg_lite import infer
+    from cellseg_lite.streams.hover import ConvNeXtHover
 
     device = next(model.parameters()).device if device is None else torch.device(device)
     predict = infer.model_predictor(model, device=device)
+    if tta:
+        kind = "hover" if isinstance(model, ConvNeXtHover) else "stardist"
+        predict = infer.flip_averaged(predict, kind)
     height, width = image.shape[:2]
     if max(height, width) > tile:
         return infer.sliding_window(predict, image, tile=tile, stride=tile * 3 // 4)
@@ -411,11 +433,16 @@ def evaluate_stream(
     stream: str,
     val: Sequence[tuple[str, np.ndarray, np.ndarray]],
     thresholds: dict | Sequence[dict] | None = None,
+    *,
+    tta: bool | None = None,
 ) -> tuple[float, dict]:
     """Mean challenge F1 of a stream on whole images ``(stem, image [0, 1], labels)``.
 
     With a list of thresholds, each is tried on the same predicted maps and the best one is
-    returned with its F1 (the threshold optimisation stardist does on validation data).
+    returned with its F1 (the threshold optimisation stardist does on validation data). ``tta``:
+    predict flip-averaged maps (:func:`predict_maps`); the thresholds returned then carry
+    ``"tta": True``, which the segmenter follows. ``None``: what a single thresholds dict says
+    (its ``"tta"`` entry), else plain maps.
     """
     from cellseg_lite import metrics
 
@@ -424,18 +451,23 @@ def evaluate_stream(
         if isinstance(thresholds, dict | None)
         else list(thresholds)
     )
+    if tta is None:
+        tta = isinstance(thresholds, dict) and bool(thresholds.get("tta", False))
     was_training = model.training
     model.eval()
     scores = np.zeros((len(candidates), len(val)))
     try:
         for j, (_, image, labels) in enumerate(val):
-            maps = predict_maps(model, image)
+            maps = predict_maps(model, image, tta=tta)
             for i, setting in enumerate(candidates):
                 scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
     finally:
         model.train(was_training)
     best = int(np.argmax(scores.mean(axis=1))) if len(val) else 0
-    return (float(scores[best].mean()) if len(val) else float("nan")), dict(candidates[best])
+    chosen = {k: v for k, v in candidates[best].items() if k != "tta"}
+    if tta:
+        chosen["tta"] = True
+    return (float(scores[best].mean()) if len(val) else float("nan")), chosen
 
 
 # --------------------------------------------------------------------------- 4. checkpoints
@@ -987,7 +1019,9 @@ def train_stream(
                 history.epochs = epoch + 1
                 due = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
                 if val_images and is_main and due:
-                    f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds)
+                    f1, _ = evaluate_stream(
+                        deployed(), config.stream, val_images, thresholds, tta=False
+                    )
                     history.val_f1.append((epoch + 1, f1))
                     if f1 > best_f1:
                         best_f1, history.best_epoch, history.best_f1 = f1, epoch + 1, f1
@@ -1009,7 +1043,7 @@ def train_stream(
     last_state, export = None, None  # export: the weights returned, if not the last raw ones
     if val_images and is_main:
         if best_state is None:  # no validation ran yet (a short budget): score the last weights
-            f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds)
+            f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds, tta=False)
             history.val_f1.append((history.epochs, f1))
             best_f1, history.best_epoch, history.best_f1 = f1, history.epochs, f1
             best_state = _model_state(deployed())
@@ -1021,7 +1055,11 @@ def train_stream(
         model.load_state_dict(export)
         if val_images and is_main and tune_thresholds:
             history.best_f1, thresholds = evaluate_stream(
-                model, config.stream, val_images, _threshold_grid(config.stream)
+                model,
+                config.stream,
+                val_images,
+                _threshold_grid(config.stream),
+                tta=uses_tta(config),
             )
     history.thresholds = dict(thresholds)
     if last_state is not None:  # the resume state continues from the last weights, not the best
@@ -1288,7 +1326,9 @@ def train_multistream(
         class_images = {c: _load_val(val_by_class[c]) for c in range(4) if val_by_class[c]}
         for c, images in class_images.items():
             class_scores[c] = {
-                stream: evaluate_stream(ckpt.model, stream, images, _threshold_grid(stream))
+                stream: evaluate_stream(
+                    ckpt.model, stream, images, _threshold_grid(stream), tta=uses_tta(ckpt.config)
+                )
                 for stream, ckpt in pretrained.items()
             }
             # a tie (say 0 against 0 after a short probe) goes to the better stream overall
@@ -1330,7 +1370,11 @@ def train_multistream(
             stream = routing_table[c]
             if stream in continued:
                 class_scores[c][stream] = evaluate_stream(
-                    pretrained[stream].model, stream, class_images[c], _threshold_grid(stream)
+                    pretrained[stream].model,
+                    stream,
+                    class_images[c],
+                    _threshold_grid(stream),
+                    tta=uses_tta(pretrained[stream].config),
                 )
 
     # 3. fine-tuning per class, kept only where it helps that class
@@ -1352,6 +1396,7 @@ def train_multistream(
                 stream,
                 _load_val(val_by_class[c]),
                 _threshold_grid(stream),
+                tta=uses_tta(pretrained[stream].config),
             )
         path = work_dir / f"{stream}_class{c}.pt"
         config = base.replace(

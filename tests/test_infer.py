@@ -310,6 +310,93 @@ def test_stream_maps_want_the_network_input(star_net, image, match):
         infer.stardist_maps(star_net, image, tile=32, stride=32)
 
 
+# --------------------------------------------------------------------------- test-time flips
+
+
+def _exact_maps(kind: str):
+    """A "network" that reads instance labels from channel 0 of its tiles and returns the exact
+    targets of the stream: flip-equivariant in the stream's own way, as a perfect model is."""
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        out = []
+        for labels in x[:, 0].numpy().round().astype(np.int32):
+            if kind == "stardist":
+                t = sd.targets(labels, n_rays=8)
+                out.append(np.concatenate([t.prob[None], t.dist]))
+            else:
+                t = hover.targets(labels)
+                out.append(np.concatenate([t.foreground[None], t.hv]))
+        return np.stack(out)
+
+    return predict
+
+
+@pytest.fixture(scope="module")
+def label_tiles() -> torch.Tensor:
+    _, labels = synthetic.make_image(0, size=(96, 112), seed=3)
+    labels = torch.from_numpy(labels.astype(np.float32))
+    return torch.stack([labels, labels * 0, labels * 0])[None]
+
+
+@pytest.mark.parametrize("kind", ["stardist", "hover"])
+def test_flips_averaged_leave_exact_maps_unchanged(label_tiles, kind):
+    plain = _exact_maps(kind)(label_tiles)
+    averaged = infer.flip_averaged(_exact_maps(kind), kind)(label_tiles)
+    assert averaged.shape == plain.shape and averaged.dtype == np.float32
+    np.testing.assert_allclose(averaged, plain, atol=1e-4)
+
+
+def test_flips_must_be_undone_the_streams_way(label_tiles):
+    """Flipping the maps back like a probability is wrong for offsets and rays: a mirrored cell's
+    horizontal offsets change sign, so plain flips average them towards 0."""
+    plain = _exact_maps("hover")(label_tiles)
+    naive = infer.flip_averaged(_exact_maps("hover"), "scalar")(label_tiles)
+    np.testing.assert_allclose(naive[:, 0], plain[:, 0], atol=1e-6)
+    assert np.abs(naive[:, 1:]).max() < 1e-5 < np.abs(plain[:, 1:]).max()
+    plain = _exact_maps("stardist")(label_tiles)
+    naive = infer.flip_averaged(_exact_maps("stardist"), "scalar")(label_tiles)
+    assert np.abs(naive[:, 1:] - plain[:, 1:]).max() > 5  # pixels, on rays that were not swapped
+
+
+def test_stream_maps_with_flips(star_net, hover_net):
+    image = _image((70, 90), seed=4)
+    plain = infer.hover_maps(hover_net, image, tile=64, stride=32)
+    flipped = infer.hover_maps(hover_net, image, tile=64, stride=32, tta=True)
+    assert flipped.hv.shape == plain.hv.shape and not np.allclose(flipped.hv, plain.hv)
+    x = torch.from_numpy(image[:64, :64].transpose(2, 0, 1).copy())[None]
+    predict = infer.model_predictor(hover_net)
+    by_hand = np.mean(
+        [predict(x), *(_undo(predict(torch.flip(x, d)), d) for d in ([3], [2], [2, 3]))], 0
+    )
+    np.testing.assert_allclose(infer.flip_averaged(predict, "hover")(x), by_hand, atol=1e-5)
+    prob, dist = infer.stardist_maps(star_net, image, tile=64, stride=48, tta=True)
+    assert prob.shape == (70, 90) and dist.shape == (8, 70, 90) and dist.min() >= 0
+
+
+def _undo(maps: np.ndarray, dims: list[int]) -> np.ndarray:
+    """HoVer maps of a flipped tile, flipped back by hand: negate the offset across each mirror."""
+    maps = np.flip(maps, dims).copy()
+    maps[:, 1] *= -1 if 3 in dims else 1
+    maps[:, 2] *= -1 if 2 in dims else 1
+    return maps
+
+
+@pytest.mark.parametrize(
+    ("predict", "maps", "match"),
+    [
+        (None, "hover", "predict: expected a function"),
+        (identity, "dihedral", "maps: expected one of 'stardist', 'hover', 'scalar'"),
+        (identity, "hover", "4 channels are not HoVer maps"),
+        (lambda x: x[:, :1], "stardist", "1 channels are not StarDist maps"),
+        (lambda x: torch.cat([x, x[:, :2]], 1), "stardist", "6 channels are not StarDist"),
+        (lambda x: x[:, :, :8], "scalar", "test-time flips need maps"),
+    ],
+)
+def test_flip_averaged_errors(predict, maps, match):
+    with pytest.raises(CellSegError, match=match):
+        infer.flip_averaged(predict, maps)(torch.zeros(1, 4, 16, 16))
+
+
 # --------------------------------------------------------------------------- StarDist, tiled
 
 SHAPE = (190, 250)

@@ -50,6 +50,19 @@ def test_predict_skips_a_corrupt_file_and_writes_the_others(demo_run, tmp_path, 
     assert "2 of 3 images" in captured.out
 
 
+@pytest.mark.parametrize("flag, tta", [("--tta", True), ("--no-tta", False)])
+def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
+    image = synthetic.make_image(0, (64, 64), seed=7)[0]
+    io.write_image(tmp_path / "cells.png", image)
+    model = str(demo_run / "model.pt")
+    args = ["predict", "--model", model, "--out", str(tmp_path), "--quiet", flag]
+    assert cli.main([*args, str(tmp_path / "cells.png")]) == cli.EXIT_OK
+    segmenter = infer.MultiStreamSegmenter.load(demo_run / "model.pt")
+    segmenter.tta = tta
+    expected = segmenter.segment(image)
+    assert (io.read_labels(tmp_path / "cells_label.tiff") == expected).all()
+
+
 def test_predict_reports_wrong_paths_and_models(demo_run, tmp_path, capsys):
     image = tmp_path / "a.png"
     io.write_image(image, synthetic.make_image(0, (64, 64), seed=0)[0])

@@ -189,6 +189,37 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
     assert len(floors) == len(train.HOVER_SIZE_FLOORS) > 1
 
 
+def test_flips_follow_what_the_thresholds_were_tuned_on(streams, monkeypatch, tmp_path):
+    flips = []
+    original = infer.flip_averaged
+    monkeypatch.setattr(
+        infer, "flip_averaged", lambda predict, maps: flips.append(maps) or original(predict, maps)
+    )
+    star, hv = streams
+    tuned = hv._replace(thresholds={"prob_thresh": 0.6, "tta": True})
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), {0: star, 1: tuned, 2: star, 3: star}
+    )
+    assert segmenter.tta is None
+    image, _ = synthetic.make_image(1, size=(64, 64), seed=0)
+    with_flips = segmenter.segment(image, category=1)
+    segmenter.segment(image, category=0)  # StarDist, tuned without
+    assert flips == ["hover"]
+    maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0, tta=True)
+    assert np.array_equal(with_flips, train.segment_maps("hover", maps, tuned.thresholds))
+    segmenter.tta = False  # the caller's choice wins: faster, on thresholds tuned for flips
+    segmenter.segment(image, category=1)
+    assert flips == ["hover", "hover"]
+    segmenter.tta = True
+    segmenter.save(tmp_path / "flips.pt")
+    loaded = infer.MultiStreamSegmenter.load(tmp_path / "flips.pt")
+    assert loaded.tta is True and loaded.models[1].thresholds["tta"] is True
+    loaded.segment(image, category=0)
+    assert flips[-1] == "stardist"
+    with pytest.raises(CellSegError, match="tta: expected True, False or None"):
+        infer.MultiStreamSegmenter(router.Router(), {0: star, 1: hv, 2: star, 3: star}, tta="on")
+
+
 def test_a_tuned_size_floor_drops_specks_that_the_default_floor_keeps():
     from cellseg_lite.streams import hover
 

@@ -67,6 +67,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"lr_milestones": (1.5,)}, "lr_milestones: expected fractions"),
         ({"loss": "focal"}, "loss: expected 'paper' or 'code'"),
         ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
+        ({"tta": "yes"}, "tta: expected True, False or None"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -242,6 +243,36 @@ def test_validation_keeps_the_best_epoch_and_tunes_the_threshold(tiny_data, tmp_
     assert saved.thresholds == history.thresholds
     # the model returned holds the best epoch's weights, as the checkpoint does, not the last ones
     assert same_weights(model.state_dict(), saved.model.state_dict())
+
+
+def test_hover_thresholds_are_tuned_on_flip_averaged_maps(tiny_data, tmp_path, monkeypatch):
+    from cellseg_lite import datasets, infer
+
+    assert train.uses_tta(fast(stream="hover")) and not train.uses_tta(fast())
+    assert train.uses_tta(fast(tta=True)) and not train.uses_tta(fast(stream="hover", tta=False))
+    flips = []
+    original = infer.flip_averaged
+    monkeypatch.setattr(
+        infer, "flip_averaged", lambda predict, maps: flips.append(maps) or original(predict, maps)
+    )
+    samples = datasets.find_pairs(tiny_data)
+    train_part, val = samples[:4], samples[4:]
+    model, history = train.train_stream(
+        train_part, fast(stream="hover", epochs=2), val=val, out=tmp_path / "h.pt", progress=False
+    )
+    assert history.thresholds["tta"] is True
+    # the final tuning, once per image; the two epochs' validations pick weights on plain maps
+    assert flips == ["hover"] * len(val)
+    assert train.load_checkpoint(tmp_path / "h.pt").thresholds == history.thresholds
+    loaded = train._load_val(val)
+    f1, _ = train.evaluate_stream(model, "hover", loaded, history.thresholds)  # follows "tta"
+    assert f1 == pytest.approx(history.best_f1) and len(flips) == 2 * len(val)
+    _, plain = train.evaluate_stream(model, "hover", loaded, [history.thresholds], tta=False)
+    assert "tta" not in plain and len(flips) == 2 * len(val)
+    _, history = train.train_stream(
+        train_part, fast(stream="hover", epochs=1, tta=False), val=val, progress=False
+    )
+    assert "tta" not in history.thresholds and len(flips) == 2 * len(val)
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tiny_data, tmp_path):
