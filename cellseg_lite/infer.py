@@ -14,10 +14,10 @@ grid, reduced at once to its sparse NMS candidates, and only then are all candid
 and drawn together; the labels equal those of the full map.
 
 Contents, in reading order: tile positions and weights (:func:`tile_starts`,
-:func:`blend_window`), :func:`sliding_window`, the model helpers, and the tiled StarDist
-post-processing (:func:`stardist_candidates_tiled`, :func:`stardist_instances_tiled`), and the
-method at inference, :class:`MultiStreamSegmenter`: route each image to its low-level class, then
-segment it with that class's stream.
+:func:`blend_window`), :func:`sliding_window`, the model helpers and test-time flips
+(:func:`flip_averaged`), the tiled StarDist post-processing (:func:`stardist_candidates_tiled`,
+:func:`stardist_instances_tiled`), and the method at inference, :class:`MultiStreamSegmenter`:
+route each image to its low-level class, then segment it with that class's stream.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ __all__ = [
     "PAD_MODES",
     "ROUTINGS",
     "TILED_PIXELS",
+    "TTA_MAPS",
     "HOVER_TUNED",
     "HoverMaps",
     "MultiStreamSegmenter",
