@@ -1,21 +1,27 @@
-"""What HoVer's tuned size floor adds: one trained segmenter, its thresholds tuned two ways.
+"""What HoVer's post-processing choices add: one trained segmenter, its thresholds tuned two ways.
 
 Loads the multi-stream segmenter that ``benchmarks/bench_quality.py`` wrote (``--work``, by
-default ``runs/bench_quality``; several folders give one pair of rows each), rebuilds that run's selection split (the same images, seed and
-fraction as :func:`cellseg_lite.train.train_multistream`), predicts every HoVer model's maps once
-per image, and tunes the post-processing of each class on its selection images twice:
+default ``runs/bench_quality``; several folders give one pair of rows each), rebuilds that run's
+selection split (the same images, seed and fraction as
+:func:`cellseg_lite.train.train_multistream`), predicts every HoVer model's maps of each image,
+and tunes the post-processing of each class on its selection images twice. ``--compare floor``
+(on plain maps):
 
 - without the size floor: probability and marker threshold only, with the ``"scaled"``
   watershed preset's floors (markers 2 %, foreground components 1 % of the typical cell area),
   the grid before the floor was tuned;
 - with it: the whole of ``train._threshold_grid("hover")`` (floors of 2/1 %, 5/5 % and 10/10 %).
 
+``--compare tta``: the whole grid on plain maps, and on maps averaged over four flips of every
+tile (:func:`cellseg_lite.infer.flip_averaged`, what ``TrainConfig.tta`` turns on).
+
 Both settings then score the real-mini VAL split and the held-out synthetic set. The weights are
 the same in both rows, so the difference is the post-processing alone. Classes routed to
-StarDist keep their stored thresholds.
+StarDist keep their stored thresholds and maps.
 
     .venv/bin/python benchmarks/bench_quality.py --routing validated   # trains the segmenter
     .venv/bin/python benchmarks/bench_postprocess.py                    # about a minute each
+    .venv/bin/python benchmarks/bench_postprocess.py --compare tta      # a minute and a half
     .venv/bin/python benchmarks/bench_postprocess.py --work runs/a runs/b   # several runs
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +55,19 @@ def without_floor(grid: list[dict]) -> list[dict]:
     ]
 
 
-def retune(work: Path, seed: int, real):
-    """Scores of ``work``'s segmenter with both grids: ``(scores, chosen, selection counts)``."""
+def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
+    """The two ways of tuning compared: ``{name: (candidate thresholds, flip-averaged maps)}``."""
+    from cellseg_lite import train
+
+    grid = train._threshold_grid("hover")
+    if compare == "tta":
+        return {"plain maps": (grid, False), "flip-averaged maps": (grid, True)}
+    return {"without the size floor": (without_floor(grid), False),
+            "with the tuned size floor": (grid, False)}  # fmt: skip
+
+
+def retune(work: Path, seed: int, real, compare: str):
+    """Scores of ``work``'s segmenter tuned both ways: ``(scores, chosen, selection counts)``."""
     from cellseg_lite import datasets, infer, io, metrics, train
     from cellseg_lite._errors import CellSegError
 
@@ -69,24 +87,32 @@ def retune(work: Path, seed: int, real):
     categories = train._sample_categories(samples)
     _, (selection, selection_classes) = train._split_for_selection(samples, categories, 0.12, seed)
 
-    def hover_maps(image, category):
+    ways = variants(compare)
+    flips = sorted({tta for _, tta in ways.values()})
+    seconds = dict.fromkeys(flips, 0.0)  # predicting HoVer maps, plain and flip-averaged
+
+    def hover_maps(image, category, tta):
         model = segmenter.models[category]
         x = io.normalize_image(image).astype(np.float32) / 255.0
         # the tiling MultiStreamSegmenter.segment uses for HoVer
         tile = min(segmenter.tile, -(-max(x.shape[:2]) // 32) * 32)
         stride = min(segmenter.stride or segmenter.tile // 2, tile)
-        return infer.hover_maps(
-            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size
+        started = time.perf_counter()
+        maps = infer.hover_maps(
+            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=tta
         )
+        seconds[tta] += time.perf_counter() - started
+        return maps
 
     def prepared(pairs, routed: bool):
-        """``(stem, class, labels, maps or None, image)``; maps where the class goes to HoVer."""
+        """``(stem, class, labels, {tta: maps} or None, image)``; maps where the class goes to
+        HoVer."""
         out = []
         for sample, category in pairs:
             image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
             category = segmenter.route(image) if routed else category
             hover = segmenter.models[category].stream == "hover"
-            maps = hover_maps(image, category) if hover else None
+            maps = {tta: hover_maps(image, category, tta) for tta in flips} if hover else None
             out.append((sample.stem, category, labels, maps, image))
         return out
 
@@ -104,14 +130,14 @@ def retune(work: Path, seed: int, real):
     }
     chosen: dict[str, dict[int, dict]] = {}
     scores: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
-    for name, candidates in grids().items():
+    for name, (candidates, tta) in ways.items():
         chosen[name] = {}
         for c in range(4):
             items = [t for t in tuning if t[1] == c and t[3] is not None]
             if not items:  # StarDist, or no selection images: the stored thresholds
                 chosen[name][c] = segmenter.models[c].thresholds
                 continue
-            means = [np.mean([f1(t[2], t[3], cand) for t in items]) for cand in candidates]
+            means = [np.mean([f1(t[2], t[3][tta], cand) for t in items]) for cand in candidates]
             chosen[name][c] = dict(candidates[int(np.argmax(means))])
         for set_name, items in sets.items():
             rows = []
@@ -119,18 +145,11 @@ def retune(work: Path, seed: int, real):
                 if maps is None:
                     score = metrics.f1_score(labels, segmenter.segment(image, category=c))
                 else:
-                    score = f1(labels, maps, chosen[name][c])
+                    score = f1(labels, maps[tta], chosen[name][c])
                 rows.append((stem, c, score))
             scores[name, set_name] = rows
             print(f"{name} on {set_name}: {np.mean([r[2] for r in rows]):.3f}", flush=True)
-    return scores, chosen, np.bincount(selection_classes, minlength=4).tolist()
-
-
-def grids() -> dict[str, list[dict]]:
-    from cellseg_lite import train
-
-    grid = train._threshold_grid("hover")
-    return {"without the size floor": without_floor(grid), "with the tuned size floor": grid}
+    return scores, chosen, np.bincount(selection_classes, minlength=4).tolist(), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[REPO / "runs" / "bench_quality"],
         help="bench_quality work folders (each with model.pt and its synthetic data)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="the seed bench_quality ran with")
+    parser.add_argument(
+        "--compare",
+        choices=("floor", "tta"),
+        default="floor",
+        help="floor: the grid without and with the tuned size floor; tta: plain against "
+        "flip-averaged maps",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the seed each bench_quality run had (one for all, or one per --work folder)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--note", default="", help="a sentence on where the segmenters came from")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -150,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     real = real_mini(required=True)
-    runs = {work: retune(work, args.seed, real) for work in args.work}
+    if len(args.seed) not in (1, len(args.work)):
+        parser.error(f"--seed: give one seed or one per --work folder ({len(args.work)})")
+    seeds = args.seed * len(args.work) if len(args.seed) == 1 else args.seed
+    runs = {
+        work: retune(work, seed, real, args.compare)
+        for work, seed in zip(args.work, seeds, strict=True)
+    }
+    names = list(variants(args.compare))
 
     def mean(values) -> str:
         values = list(values)
@@ -168,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     choice_lines = []
-    for work, (scores, chosen, counts) in runs.items():
-        for name in grids():
+    time_lines = []
+    for work, (scores, chosen, counts, seconds) in runs.items():
+        time_lines.append(
+            f"`{shown(work)}`: "
+            + ", ".join(
+                f"{'flip-averaged' if k else 'plain'} {v:.0f} s" for k, v in seconds.items()
+            )
+        )
+        for name in names:
             rows = scores[name, "real-mini val"]
             per = [mean(r[2] for r in rows if real.modality[r[0]] == m) for m in MODALITIES]
             real_lines.append(
@@ -189,19 +235,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"| `{shown(work)}` | {c} | {counts[c]} | "
                 + " | ".join(
                     ", ".join(f"{k} {v:g}" for k, v in chosen[name][c].items() if k != "nms_thresh")
-                    for name in grids()
+                    for name in names
                 )
                 + " |"
             )
     commands = " ".join(shown(w) for w in args.work)
-    section = f"""## Post-processing: HoVer's tuned size floor, on trained segmenters
+    if seeds != [0] * len(seeds):
+        commands += " --seed " + " ".join(map(str, seeds))
+    if args.compare == "tta":
+        title = "HoVer's maps averaged over four flips (test-time augmentation)"
+        how = """on plain maps and on maps averaged over the four flips of every tile
+(`infer.flip_averaged`: horizontal offsets negated under a left-right flip, vertical ones under
+an up-down flip), both over the whole `train._threshold_grid("hover")`"""
+    else:
+        title = "HoVer's tuned size floor"
+        how = """over probability and marker threshold only (the `"scaled"` preset's floors:
+markers 2 %, foreground components 1 % of the typical cell area), and over the whole
+`train._threshold_grid("hover")`, which also tries floors of 5/5 % and 10/10 %"""
+    flag = " --compare tta" if args.compare == "tta" else ""
+    section = f"""## Post-processing: {title}, on trained segmenters
 
 Segmenters written by `bench_quality.py --routing validated` runs, each one's HoVer thresholds
-tuned per class on that run's selection split twice: over probability and marker threshold only
-(the `"scaled"` preset's floors: markers 2 %, foreground components 1 % of the typical cell
-area), and over the whole `train._threshold_grid("hover")`, which also tries floors of 5/5 % and
-10/10 %. Same weights in both rows of a segmenter: the difference is the post-processing. The
-class of each scored image comes from the router, as in the segmenter. {args.note}
+tuned per class on that run's selection split twice: {how}. Same weights in both rows of a
+segmenter: the difference is the post-processing. The class of each scored image comes from the
+router, as in the segmenter. {args.note}
 
 **Real-mini VAL**, challenge F1 (mean of per-image F1):
 
@@ -213,18 +270,22 @@ class of each scored image comes from the router, as in the segmenter. {args.not
 
 Thresholds chosen per class:
 
-| segmenter | class | selection images | {" | ".join(grids())} |
+| segmenter | class | selection images | {" | ".join(names)} |
 |---|---|---|---|---|
 {chr(10).join(choice_lines)}
 
-- Command: `.venv/bin/python benchmarks/bench_postprocess.py --work {commands}`, each folder
+Time to predict the HoVer maps of the selection and scored images (2 torch threads):
+{"; ".join(time_lines)}.
+
+- Command: `.venv/bin/python benchmarks/bench_postprocess.py{flag} --work {commands}`, each folder
   from `.venv/bin/python benchmarks/bench_quality.py --minutes 27 --routing validated --work FOLDER`
+  (with `--seed` where one is given)
 - Machine: {machine("torch", "timm", "stardist")}
 - Date: {now()}
 """
     print(section)
     if not args.no_write:
-        write_section("bench_postprocess", section)
+        write_section("bench_postprocess" + ("_tta" if args.compare == "tta" else ""), section)
     return 0
 
 

@@ -263,10 +263,10 @@ def default_preset() -> str:
 def uses_tta(config: TrainConfig) -> bool:
     """Whether a stream's thresholds are tuned, and its images segmented, on flip-averaged maps.
 
-    ``config.tta``, where ``None`` means HoVer yes, StarDist no: on two trained HoVer models the
-    four flips raised real-mini val F1 (RESULTS.md, ``bench_postprocess.py --compare tta``),
-    while a StarDist whole-slide image already takes a quarter of the challenge's time
-    tolerance without them (``bench_wholeslide.py``).
+    ``config.tta``, where ``None`` means HoVer yes, StarDist no: on two trained segmenters the
+    four flips raised real-mini val F1 by 0.014 and 0.010, same weights (RESULTS.md,
+    ``bench_postprocess.py --compare tta``), while a StarDist whole-slide image already takes a
+    quarter of the challenge's time tolerance without them (``bench_wholeslide.py``).
     """
     return (config.stream == "hover") if config.tta is None else bool(config.tta)
 
