@@ -194,6 +194,22 @@ def _tiling(image, tile: int, stride: int, pad_mode: str) -> _Tiling:
     return _Tiling(padded, height, width, ys, xs)
 
 
+def _as_maps(out) -> np.ndarray:
+    """What a ``predict`` function returned, as a float32 numpy array (or a clear error)."""
+    if isinstance(out, tuple | list):
+        raise CellSegError(
+            f"predict: returned a {type(out).__name__} of {len(out)} outputs, expected one "
+            "(B, K, tile, tile) array; wrap the network with infer.model_predictor, which "
+            "joins a stream's outputs along the channels"
+        )
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().cpu().numpy()
+    try:
+        return np.asarray(out, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise CellSegError(f"predict: returned something that is not an array ({err})") from err
+
+
 class _Predictor:
     """Calls ``predict`` on batches of tiles and checks what comes back: ``(B, K, tile, tile)``
     with the same K every time (read from the first call), returned as float32 numpy."""
@@ -206,19 +222,7 @@ class _Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         inputs = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
         with torch.inference_mode():
-            out = self.predict(inputs)
-        if isinstance(out, tuple | list):
-            raise CellSegError(
-                f"predict: returned a {type(out).__name__} of {len(out)} outputs, expected one "
-                "(B, K, tile, tile) array; wrap the network with infer.model_predictor, which "
-                "joins a stream's outputs along the channels"
-            )
-        if isinstance(out, torch.Tensor):
-            out = out.detach().float().cpu().numpy()
-        try:
-            out = np.asarray(out, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise CellSegError(f"predict: returned something that is not an array ({err})") from err
+            out = _as_maps(self.predict(inputs))
         expected = (len(batch), "K", self.tile, self.tile)
         if out.ndim != 4:
             raise CellSegError(
@@ -456,10 +460,7 @@ def flip_averaged(predict: Callable, maps: str) -> Callable[[torch.Tensor], np.n
         total = None
         for axes in FLIPS:
             tiles = torch.flip(x, [2 + a for a in axes]) if axes else x
-            out = predict(tiles)
-            if isinstance(out, torch.Tensor):
-                out = out.detach().float().cpu().numpy()
-            out = np.asarray(out, dtype=np.float32)
+            out = _as_maps(predict(tiles))
             if out.ndim != 4 or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
                 raise CellSegError(
                     f"predict: tiles {tuple(x.shape)} gave maps of shape {out.shape}; "
