@@ -9,7 +9,8 @@ validation inside the budget, so a run exports its last weights, or their moving
 
 Variants (``--variants``): ``last`` (the lite preset: the last raw weights), ``ema`` (a moving
 average of the weights, ``ema_decay=0.99`` per step), ``code-decoder`` (the authors' decoder,
-output stride 2 instead of 4); and the precision of the training step: ``float32``, ``bf16``
+output stride 2 instead of 4: its own RESULTS section), ``femto`` and ``pico`` (wider encoders
+than the lite preset's convnext_atto: their own section); and the precision of the training step: ``float32``, ``bf16``
 (autocast forward pass, the loss in float32, as ``train`` does) and ``bf16-loss`` (the loss
 computed in bf16 as well, as ``train`` did before the fix: what that cost). Precision variants go
 to their own RESULTS section.
@@ -17,6 +18,8 @@ to their own RESULTS section.
     .venv/bin/python benchmarks/bench_lite_recipe.py                 # 5 minutes per run, ~27 in all
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 2 --seeds 0 --no-write
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 3 --variants bf16-loss bf16 float32
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants last code-decoder
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 12 --variants last pico --seeds 0
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ VARIANTS = {
     "last": {},
     "ema": {"ema_decay": EMA_DECAY},
     "code-decoder": {"decoder": "code"},
+    "femto": {"backbone": "convnext_femto"},
+    "pico": {"backbone": "convnext_pico"},
     "float32": {"amp": False},
     "bf16": {"amp": True},
     "bf16-loss": {"amp": True},
@@ -50,6 +55,8 @@ DESCRIPTIONS = {
     "ema": f"`ema` their moving average (`ema_decay={EMA_DECAY}` per step, "
     "`torch.optim.swa_utils.AveragedModel` with BatchNorm statistics)",
     "code-decoder": "`code-decoder` uses the authors' decoder (output stride 2)",
+    "femto": "`femto` a wider encoder, convnext_femto (dims 48-384, 6.4 M parameters in all against the lite network's 4.7 M)",
+    "pico": "`pico` a wider and deeper encoder, convnext_pico (dims 64-512, 10.5 M parameters in all against the lite network's 4.7 M)",
     "float32": "`float32` trains without autocast",
     "bf16": "`bf16` runs the forward pass under bf16 autocast and the loss in float32 "
     "(what `train` does)",
@@ -145,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant, runs in by_variant.items()
     ]
     precision = any(v in PRECISION for v in args.variants)
-    title = "precision of the training step" if precision else "recipe"
+    decoder = "code-decoder" in args.variants
+    backbone = any(v in ("femto", "pico") for v in args.variants)
+    title, key = (
+        ("precision of the training step", "bench_lite_precision") if precision
+        else ("decoder", "bench_lite_decoder") if decoder
+        else ("encoder", "bench_lite_backbone") if backbone
+        else ("recipe", "bench_lite_recipe")
+    )  # fmt: skip
     section = f"""## The `lite` {title}: {args.minutes:g} CPU minutes of HoVer per run
 
 The HoVer stream trained from scratch (`lite`: convnext_atto, 128-pixel patches, batch 8, AdamW
@@ -172,7 +186,7 @@ Mean over seeds (val F1 of each run in brackets):
 """
     print(section)
     if not args.no_write:
-        write_section("bench_lite_precision" if precision else "bench_lite_recipe", section)
+        write_section(key, section)
     return 0
 
 
