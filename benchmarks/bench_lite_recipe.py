@@ -49,7 +49,12 @@ VARIANTS = {
     "bf16": {"amp": True},
     "bf16-loss": {"amp": True},
 }
-PRECISION = ("float32", "bf16", "bf16-loss")
+# RESULTS section of a run: the first group that one of its variants belongs to
+SECTIONS = (
+    (("float32", "bf16", "bf16-loss"), "precision of the training step", "bench_lite_precision"),
+    (("code-decoder",), "decoder", "bench_lite_decoder"),
+    (("femto", "pico"), "encoder", "bench_lite_backbone"),
+)
 DESCRIPTIONS = {
     "last": "`last` (the `lite` preset) exports the last raw weights",
     "ema": f"`ema` their moving average (`ema_decay={EMA_DECAY}` per step, "
@@ -151,15 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(f'{r:.3f}' for r, _ in runs)}) | {np.mean([s for _, s in runs]):.3f} |"
         for variant, runs in by_variant.items()
     ]
-    precision = any(v in PRECISION for v in args.variants)
-    decoder = "code-decoder" in args.variants
-    backbone = any(v in ("femto", "pico") for v in args.variants)
-    title, key = (
-        ("precision of the training step", "bench_lite_precision") if precision
-        else ("decoder", "bench_lite_decoder") if decoder
-        else ("encoder", "bench_lite_backbone") if backbone
-        else ("recipe", "bench_lite_recipe")
-    )  # fmt: skip
+    title, key = next(
+        ((title, key) for group, title, key in SECTIONS if set(group) & set(args.variants)),
+        ("recipe", "bench_lite_recipe"),
+    )
     section = f"""## The `lite` {title}: {args.minutes:g} CPU minutes of HoVer per run
 
 The HoVer stream trained from scratch (`lite`: convnext_atto, 128-pixel patches, batch 8, AdamW
