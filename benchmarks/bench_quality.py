@@ -162,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     average = "" if ema is None else f", moving average of the weights with decay {ema}"
     multi = list(methods)[-2]
     timing = metrics.timing_table(scores[multi, "real-mini val"], largest=3)
-    more = "" if args.synthetic == SYNTHETIC else f", {args.synthetic} synthetic images per class"
+    default_data = args.synthetic == SYNTHETIC
+    more = "" if default_data else f", {args.synthetic} synthetic images per class"
     options = (
         (" --pretrained" if args.pretrained else "")
-        + ("" if args.synthetic == SYNTHETIC else f" --synthetic {args.synthetic}")
+        + ("" if default_data else f" --synthetic {args.synthetic}")
         + ("" if args.seed == 0 else f" --seed {args.seed}")
     )
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training{more}
@@ -205,9 +206,7 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
     print(section)
     if not args.no_write:
         key = f"bench_quality_{args.routing}"
-        write_section(
-            key if args.synthetic == SYNTHETIC else f"{key}_synthetic{args.synthetic}", section
-        )
+        write_section(key if default_data else f"{key}_synthetic{args.synthetic}", section)
     return 0
 
 

@@ -970,16 +970,21 @@ class MultiStreamSegmenter:
         x = io.normalize_image(image, source=source).astype(np.float32) / 255.0
         return self._segment(model, x, progress)
 
+    def _tiling(self, x: np.ndarray, stream: str) -> tuple[int, int]:
+        """``(tile, stride)`` of the sliding window for image ``x`` in ``stream``."""
+        # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
+        tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
+        default = self.tile * 3 // 4 if stream == "stardist" else self.tile // 2
+        return tile, min(self.stride or default, tile)
+
     def _segment(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
         from cellseg_lite.streams import hover as hv_stream
         from cellseg_lite.streams import stardist as sd_stream
 
         t = dict(model.thresholds)
         tta = bool(t.get("tta", False)) if self.tta is None else self.tta
-        # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
-        tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
+        tile, stride = self._tiling(x, model.stream)
         if model.stream == "stardist":
-            stride = min(self.stride or self.tile * 3 // 4, tile)
             if x.shape[0] * x.shape[1] > TILED_PIXELS:
                 predict = model_predictor(model.model)
                 if tta:
@@ -1006,7 +1011,6 @@ class MultiStreamSegmenter:
             return sd_stream.instances(
                 prob, dist, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4)
             )
-        stride = min(self.stride or self.tile // 2, tile)
         fg, hv = hover_maps(
             model.model,
             x,
