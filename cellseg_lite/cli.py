@@ -106,6 +106,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     segmenter = infer.MultiStreamSegmenter.load(args.model, device=args.device or "cpu")
     if args.tta is not None:
         segmenter.tta = args.tta
+    if args.min_diameter is not None:
+        if not args.min_diameter >= 0:
+            raise CellSegError(f"--min-diameter: expected pixels >= 0, got {args.min_diameter}")
+        segmenter.min_diameter = args.min_diameter or None
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for path in files:
@@ -230,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="average the maps of four flips of every tile (4x the time); default: as each "
         "stream's thresholds were tuned (HoVer with, StarDist without)",
+    )
+    pr.add_argument(
+        "--min-diameter",
+        type=float,
+        default=None,
+        metavar="PIXELS",
+        help="segment an image whose cells a first pass finds narrower than this a second time, "
+        "larger (by the model file's factor); 0: never; default: the model file's setting",
     )
     pr.add_argument("--quiet", action="store_true", help="only the summary line")
     pr.set_defaults(func=_cmd_predict)

@@ -44,6 +44,8 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
             segmenter.router,
             dict.fromkeys(range(4), checkpoint),
             routing=dict.fromkeys(range(4), stream),
+            min_diameter=segmenter.min_diameter,
+            upscale=segmenter.upscale,
         )
         name = "ConvNeXt-StarDist" if stream == "stardist" else "ConvNeXt-HoVer"
         methods[f"{name}, pre-trained, one model"] = single

@@ -42,7 +42,9 @@ __all__ = [
     "OUTPUTS",
     "PAD_MODES",
     "ROUTINGS",
+    "MIN_DIAMETER",
     "TILED_PIXELS",
+    "UPSCALE",
     "TTA_MAPS",
     "HOVER_TUNED",
     "HoverMaps",
@@ -53,6 +55,7 @@ __all__ = [
     "flip_averaged",
     "hover_maps",
     "hover_settings",
+    "inscribed_diameter",
     "model_predictor",
     "sliding_window",
     "stardist_candidates_tiled",
@@ -804,6 +807,14 @@ CODE_TALL_IMAGE = 4000
 #: Images with more pixels than this go through :func:`stardist_instances_tiled` (bounded memory)
 #: instead of whole-image maps.
 TILED_PIXELS = 4096 * 4096
+#: Images whose cells are typically narrower than this many pixels (:func:`inscribed_diameter` of
+#: a first pass) are segmented again :data:`UPSCALE` times larger: the `lite` networks (a 4-pixel
+#: stem, 128-pixel training patches) merge touching cells that small, and larger they separate
+#: them. Chosen on the real-mini TRAIN split among second passes at 1.5 or 2 times below 11 to 30
+#: pixels (``benchmarks/bench_upscale.py``; see the inference chapter).
+MIN_DIAMETER = 25.0
+#: How much larger :class:`MultiStreamSegmenter` segments an image of small cells again.
+UPSCALE = 1.5
 MULTISTREAM_FORMAT = "cellseg-lite-multistream"
 _MULTISTREAM_LAYOUT = 1
 #: Watershed settings (:class:`cellseg_lite.streams.hover.WatershedParams`) that a HoVer model's
@@ -814,6 +825,35 @@ HOVER_TUNED = ("marker_threshold", "marker_min_fraction", "foreground_min_fracti
 def hover_settings(thresholds: dict) -> dict:
     """The watershed overrides among a HoVer model's tuned thresholds (:data:`HOVER_TUNED`)."""
     return {name: thresholds[name] for name in HOVER_TUNED if name in thresholds}
+
+
+def inscribed_diameter(labels: np.ndarray) -> float:
+    """Typical cell diameter of a label image: the median over its objects of the widest circle
+    inside each (twice the largest distance to the background), in pixels; ``nan`` without
+    objects.
+
+    A clump of touching cells that a first pass merged into one object still holds circles no
+    wider than one of its cells, so the estimate does not grow with merges the way the mean
+    object area does. (An object ``w`` pixels wide measures ``w`` if ``w`` is even, ``w + 1``
+    if odd.)
+
+    >>> labels = np.zeros((40, 40), np.int32)
+    >>> labels[5:15, 5:15], labels[20:30, 5:35] = 1, 2    # 10 px wide, whatever their length
+    >>> inscribed_diameter(labels)
+    10.0
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise CellSegError(
+            f"labels: expected an (H, W) integer label image, got {labels.dtype} {labels.shape}"
+        )
+    radii = []
+    for k, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is not None:  # pad by one pixel so that the object's own border counts as outside
+            radii.append(ndi.distance_transform_edt(np.pad(labels[box] == k, 1)).max())
+    return float(2.0 * np.median(radii)) if radii else float("nan")
 
 
 class StreamModel(NamedTuple):
@@ -849,6 +889,24 @@ def _check_routing(routing) -> dict[int, str]:
     return {int(c): str(s) for c, s in routing.items()}
 
 
+def _enlarge(x: np.ndarray, factor: float) -> np.ndarray:
+    """Image ``(H, W, C)`` resized by ``factor`` (bilinear)."""
+    from skimage.transform import resize
+
+    shape = (round(x.shape[0] * factor), round(x.shape[1] * factor), *x.shape[2:])
+    return resize(x, shape, order=1, anti_aliasing=False, preserve_range=True).astype(x.dtype)
+
+
+def _shrink_labels(labels: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``labels`` resized to the height and width of ``like`` (nearest neighbour), renumbered
+    1..N since a cell can vanish."""
+    from skimage.segmentation import relabel_sequential
+    from skimage.transform import resize
+
+    small = resize(labels, like.shape[:2], order=0, anti_aliasing=False, preserve_range=True)
+    return relabel_sequential(small.astype(np.int32))[0]
+
+
 class MultiStreamSegmenter:
     """The method at inference: route each image to its low-level class, then segment it with
     that class's stream model.
@@ -860,8 +918,11 @@ class MultiStreamSegmenter:
     sliding window (the authors': 512 every 384 for StarDist, every 256 for HoVer). ``tta``:
     average the maps over the four flips of each tile (:func:`flip_averaged`); ``None`` (the
     default) does what each model's thresholds were tuned with (their ``"tta"`` entry), since
-    flip-averaged maps are smoother and want their own thresholds. :meth:`segment` takes a raw image of any supported kind; :meth:`save`/:meth:`load` keep the
-    whole thing in one file.
+    flip-averaged maps are smoother and want their own thresholds. ``min_diameter``/``upscale``:
+    an image whose cells a first pass finds narrower than ``min_diameter`` pixels
+    (:func:`inscribed_diameter`) is segmented again ``upscale`` times larger and its labels
+    shrunk back (:data:`MIN_DIAMETER`; ``None`` turns this off). :meth:`segment` takes a raw
+    image of any supported kind; :meth:`save`/:meth:`load` keep the whole thing in one file.
     """
 
     def __init__(
@@ -874,6 +935,8 @@ class MultiStreamSegmenter:
         stride: int | None = None,
         batch_size: int = 4,
         tta: bool | None = None,
+        min_diameter: float | None = MIN_DIAMETER,
+        upscale: float = UPSCALE,
         device=None,
     ):
         from cellseg_lite.router import Router
@@ -907,6 +970,16 @@ class MultiStreamSegmenter:
         if tta is not None and not isinstance(tta, bool | np.bool_):
             raise CellSegError(f"tta: expected True, False or None, got {tta!r}")
         self.tta = None if tta is None else bool(tta)
+        if min_diameter is not None and not (
+            isinstance(min_diameter, numbers.Real)
+            and not isinstance(min_diameter, bool)
+            and min_diameter > 0
+        ):
+            raise CellSegError(f"min_diameter: expected a number > 0 or None, got {min_diameter!r}")
+        if isinstance(upscale, bool) or not isinstance(upscale, numbers.Real) or not upscale > 1:
+            raise CellSegError(f"upscale: expected a number > 1, got {upscale!r}")
+        self.min_diameter = None if min_diameter is None else float(min_diameter)
+        self.upscale = float(upscale)
         if device is not None:
             self.to(device)
 
@@ -950,7 +1023,8 @@ class MultiStreamSegmenter:
         The image is normalised the challenge's way (:func:`cellseg_lite.io.normalize_image`),
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
-        :func:`stardist_instances_tiled` in bounded memory.
+        :func:`stardist_instances_tiled` in bounded memory. Images of cells narrower than
+        ``min_diameter`` are segmented a second time, ``upscale`` times larger (see the class).
         """
         from cellseg_lite import io
 
@@ -968,7 +1042,17 @@ class MultiStreamSegmenter:
         if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
             model = next(m for c, m in self.models.items() if m.stream == "stardist")
         x = io.normalize_image(image, source=source).astype(np.float32) / 255.0
-        return self._segment(model, x, progress)
+        labels = self._segment(model, x, progress)
+        if self._wants_upscale(labels):
+            labels = _shrink_labels(self._segment(model, _enlarge(x, self.upscale), progress), x)
+        return labels
+
+    def _wants_upscale(self, labels: np.ndarray) -> bool:
+        """Whether the first pass's ``labels`` hold cells too small for the network's scale (and
+        the enlarged image still fits in memory without the tiled path)."""
+        if self.min_diameter is None or labels.size * self.upscale**2 > TILED_PIXELS:
+            return False
+        return bool(inscribed_diameter(labels) < self.min_diameter)  # nan (no cells): no
 
     def _tiling(self, x: np.ndarray, stream: str) -> tuple[int, int]:
         """``(tile, stride)`` of the sliding window for image ``x`` in ``stream``."""
@@ -1049,6 +1133,8 @@ class MultiStreamSegmenter:
             "tile": self.tile,
             "stride": self.stride,
             "tta": self.tta,
+            "min_diameter": self.min_diameter,
+            "upscale": self.upscale,
             "router": router.checkpoint_dict(self.router),
             "models": [
                 {
@@ -1107,6 +1193,8 @@ class MultiStreamSegmenter:
             tile=checkpoint.get("tile", 512),
             stride=checkpoint.get("stride"),
             tta=checkpoint.get("tta"),
+            min_diameter=checkpoint.get("min_diameter", MIN_DIAMETER),
+            upscale=checkpoint.get("upscale", UPSCALE),
             device=device,
         )
         segmenter.routing_name = str(name)  # e.g. "validated": a table chosen on validation images

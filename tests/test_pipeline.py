@@ -63,6 +63,34 @@ def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
     assert (io.read_labels(tmp_path / "cells_label.tiff") == expected).all()
 
 
+@pytest.mark.parametrize(
+    "pixels, expected", [(None, infer.MIN_DIAMETER), ("0", None), ("40", 40.0)]
+)
+def test_predict_sets_the_second_pass_for_small_cells(
+    demo_run, tmp_path, monkeypatch, pixels, expected
+):
+    seen = []
+    original = infer.MultiStreamSegmenter.segment
+    monkeypatch.setattr(
+        infer.MultiStreamSegmenter,
+        "segment",
+        lambda self, *a, **k: seen.append(self.min_diameter) or original(self, *a, **k),
+    )
+    io.write_image(tmp_path / "cells.png", synthetic.make_image(3, (64, 64), seed=7)[0])
+    args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path), "--quiet"]
+    args += [] if pixels is None else ["--min-diameter", pixels]
+    assert cli.main([*args, str(tmp_path / "cells.png")]) == cli.EXIT_OK
+    assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
+
+
+def test_predict_refuses_a_negative_min_diameter(demo_run, tmp_path, capsys):
+    io.write_image(tmp_path / "a.png", synthetic.make_image(0, (64, 64), seed=0)[0])
+    args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "--min-diameter", "-1", str(tmp_path / "a.png")]) == 2
+    assert "--min-diameter: expected pixels >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_predict_reports_wrong_paths_and_models(demo_run, tmp_path, capsys):
     image = tmp_path / "a.png"
     io.write_image(image, synthetic.make_image(0, (64, 64), seed=0)[0])

@@ -92,6 +92,7 @@ def test_segment_reads_a_path_and_takes_a_class(segmenter, tmp_path):
 
 
 def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch):
+    monkeypatch.setattr(segmenter, "min_diameter", None)  # one pass at the image's own scale
     image, _ = synthetic.make_image(0, size=(160, 224), seed=1)
     whole = segmenter.segment(image)
     monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)
@@ -235,3 +236,96 @@ def test_a_tuned_size_floor_drops_specks_that_the_default_floor_keeps():
     assert len(np.unique(default)) - 1 == 5
     assert len(np.unique(strict)) - 1 == 4
     assert not strict[46:49, 46:49].any()
+
+
+def _discs(shape, diameter, spacing):
+    """Label image of discs ``diameter`` pixels wide on a grid ``spacing`` apart."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    centres = [(y, x) for y in range(spacing // 2, shape[0], spacing)
+               for x in range(spacing // 2, shape[1], spacing)]  # fmt: skip
+    for i, (y, x) in enumerate(centres, start=1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 < (diameter / 2) ** 2] = i
+    return labels
+
+
+def test_inscribed_diameter_measures_cells_not_clumps():
+    separate = _discs((96, 96), 10, 16)
+    assert infer.inscribed_diameter(separate) == pytest.approx(10, abs=1)
+    touching = _discs((96, 96), 12, 10)  # overlapping discs: every cell touches its neighbours
+    clump = (touching > 0).astype(np.int32)  # one merged object
+    assert infer.inscribed_diameter(clump) < 16
+    assert (clump > 0).sum() > 20 * np.pi * 6**2  # although its area is that of 20+ cells
+    # touching cells with their own ids are measured one by one, not as their union
+    assert infer.inscribed_diameter(touching) <= 12
+    assert np.isnan(infer.inscribed_diameter(np.zeros((8, 8), np.int32)))
+    with pytest.raises(CellSegError, match="integer label image"):
+        infer.inscribed_diameter(np.zeros((8, 8), np.float32))
+
+
+def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch, tmp_path):
+    seen = []
+
+    def first_pass(diameter):
+        def fake(model, x, progress):
+            seen.append(x.shape)
+            size = diameter if len(seen) == 1 else 2 * diameter  # the second pass sees 2x cells
+            return _discs(x.shape[:2], size, 2 * size)
+
+        return fake
+
+    image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    monkeypatch.setattr(segmenter, "_segment", first_pass(8))
+    labels = segmenter.segment(image, category=0)
+    assert seen == [(60, 90, 3), (120, 180, 3)]
+    assert labels.shape == (60, 90) and labels.dtype == np.int32
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # renumbered 1..N
+    assert infer.inscribed_diameter(labels) == pytest.approx(8, abs=1)
+
+    seen.clear()
+    monkeypatch.setattr(segmenter, "_segment", first_pass(20))  # large enough: one pass
+    segmenter.segment(image, category=0)
+    assert seen == [(60, 90, 3)]
+
+    seen.clear()
+    monkeypatch.setattr(segmenter, "_segment", first_pass(8))
+    monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)  # 2x would be a whole-slide image
+    segmenter.segment(image, category=0)
+    assert seen == [(60, 90, 3)]
+
+    seen.clear()
+    monkeypatch.setattr(segmenter, "min_diameter", None)
+    monkeypatch.setattr(infer, "TILED_PIXELS", 4096**2)
+    segmenter.segment(image, category=0)
+    assert seen == [(60, 90, 3)]
+
+
+def test_the_upscaling_rule_is_saved_and_checked(streams, tmp_path):
+    star, hv = streams
+    models = {0: star, 1: hv, 2: star, 3: star}
+    segmenter = infer.MultiStreamSegmenter(router.Router(), models)
+    assert (segmenter.min_diameter, segmenter.upscale) == (infer.MIN_DIAMETER, infer.UPSCALE)
+    custom = infer.MultiStreamSegmenter(router.Router(), models, min_diameter=None, upscale=1.5)
+    custom.save(tmp_path / "custom.pt")
+    loaded = infer.MultiStreamSegmenter.load(tmp_path / "custom.pt")
+    assert (loaded.min_diameter, loaded.upscale) == (None, 1.5)
+    for bad in (0, -3, True, "13"):
+        with pytest.raises(CellSegError, match="min_diameter: expected a number > 0 or None"):
+            infer.MultiStreamSegmenter(router.Router(), models, min_diameter=bad)
+    for bad in (1, 0.5, False, None):
+        with pytest.raises(CellSegError, match="upscale: expected a number > 1"):
+            infer.MultiStreamSegmenter(router.Router(), models, upscale=bad)
+
+
+def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
+    from cellseg_lite import demo
+
+    star, hv = streams
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(), {0: star, 1: hv, 2: star, 3: star}, min_diameter=9.0, upscale=1.5
+    )
+    methods = demo.ablation_segmenters(segmenter, {"stardist": star, "hover": hv})
+    assert list(methods)[-1] == "multi-stream (routed, fine-tuned)"
+    for method in methods.values():
+        assert (method.min_diameter, method.upscale) == (9.0, 1.5)
+        assert method.router is segmenter.router
