@@ -18,6 +18,7 @@ the paper's Table 4), and the classical floor (Otsu + watershed), all measured i
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         if (args.work / "stages" / f"{s}_all.pt").is_file()
     }
     methods = demo.ablation_segmenters(segmenter, pretrained)
-    methods["classical floor (Otsu + watershed)"] = None
+    multi = list(methods)[-1]
+    one_scale = copy.copy(segmenter)
+    one_scale.min_diameter = None  # the ablation of the second, larger pass for small cells
+    methods = {
+        **{name: m for name, m in methods.items() if name != multi},
+        "multi-stream, one pass (small cells not enlarged)": one_scale,
+        multi: segmenter,
+        "classical floor (Otsu + watershed)": None,
+    }
 
     sets = {
         "real-mini val": load(real_val),
@@ -160,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     ema = train.preset("lite").ema_decay
     average = "" if ema is None else f", moving average of the weights with decay {ema}"
-    multi = list(methods)[-2]
     timing = metrics.timing_table(scores[multi, "real-mini val"], largest=3)
     default_data = args.synthetic == SYNTHETIC
     more = "" if default_data else f", {args.synthetic} synthetic images per class"
@@ -182,6 +190,10 @@ comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if ar
 | stage | minutes | selection score | kept | note |
 |---|---|---|---|---|
 {stage_lines}
+
+Every segmenter below except the one-pass row segments an image whose cells a first pass finds
+narrower than {segmenter.min_diameter:g} pixels a second time, {segmenter.upscale:g} times larger
+(`infer.MIN_DIAMETER`, chosen on the TRAIN split by `benchmarks/bench_upscale.py`).
 
 **Real-mini VAL** (images per modality: {", ".join(f"{m} {counts[m]}" for m in MODALITIES)}),
 challenge F1, mean of per-image F1:

@@ -1,0 +1,181 @@
+"""Small cells segmented a second time, larger: where the rule of ``infer.MIN_DIAMETER`` comes from.
+
+Loads the multi-stream segmenter that ``benchmarks/bench_quality.py`` wrote (``--work``, by
+default ``runs/bench_quality``) and segments every image of three sets once at its own scale
+(``min_diameter=None``). The typical cell diameter of that first pass
+(:func:`cellseg_lite.infer.inscribed_diameter`) sorts the images into bins; the images of the
+bins below ``--up-to`` pixels are segmented again at each ``--factors`` times their size, their
+labels shrunk back, with the same weights and thresholds. The first table gives the challenge F1
+of each bin at each scale; the second what each rule "a second pass at ``x`` times below ``d``
+pixels" makes of each whole set, with the rule that scores best on TRAIN marked (the package's
+``infer.MIN_DIAMETER`` and ``infer.UPSCALE`` are that choice).
+
+- real-mini TRAIN: where the rule's numbers were chosen (the segmenter has seen these images,
+  but the question is about the network's scale, not about fitting them);
+- real-mini VAL and the held-out synthetic images of the run: never used for the choice.
+
+    .venv/bin/python benchmarks/bench_quality.py --routing validated   # trains the segmenter
+    .venv/bin/python benchmarks/bench_upscale.py                        # about 15 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, now, real_mini, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BINS = (0.0, 11.0, 12.0, 13.0, 14.0, 16.0, 20.0, 25.0, 30.0)
+
+
+def mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def bin_name(low: float, high: float) -> str:
+    return f"below {high:g}" if low == 0 else f"{low:g}-{high:g}"
+
+
+def measure(segmenter, pairs, factors, up_to: float, log) -> list[dict]:
+    """Per image: first-pass diameter and F1 at scale 1 and (below ``up_to``) each factor."""
+    from cellseg_lite import infer, io, metrics
+
+    one_pass = copy.copy(segmenter)
+    one_pass.min_diameter = None
+    rows = []
+    for pair in pairs:
+        image, truth = io.read_image(pair.image_path), io.read_labels(pair.label_path)
+        category = one_pass.route(image)
+        labels = one_pass.segment(image, category=category)
+        diameter = infer.inscribed_diameter(labels)
+        row = {"stem": io.image_stem(pair.image_path), "diameter": diameter,
+               1.0: metrics.f1_score(truth, labels)}  # fmt: skip
+        fits = image.shape[0] * image.shape[1] * max(factors) ** 2 <= infer.TILED_PIXELS
+        if diameter < up_to and fits:
+            for factor in factors:
+                twice = copy.copy(segmenter)  # a second pass whatever the diameter
+                twice.min_diameter, twice.upscale = float("inf"), factor
+                row[factor] = metrics.f1_score(truth, twice.segment(image, category=category))
+        rows.append(row)
+        log(f"{row['stem'][:24]:24s} d={diameter:5.1f} "
+            + " ".join(f"x{k:g} {v:.3f}" for k, v in row.items() if isinstance(k, float)))  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cellseg_lite import datasets, infer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.5, 2.0])
+    parser.add_argument("--up-to", type=float, default=BINS[-1], help="largest diameter retried")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if any(f <= 1 for f in args.factors):
+        parser.error("--factors: each must be > 1")
+    factors = sorted(set(args.factors))
+    model_path, syn_test = args.work / "model.pt", args.work / "synthetic_test"
+    if not (model_path.is_file() and syn_test.is_dir()):
+        raise SystemExit(
+            f"{args.work}: no trained segmenter with its synthetic data; run "
+            "benchmarks/bench_quality.py first (or pass --work)"
+        )
+    real = real_mini(required=True)
+    segmenter = infer.MultiStreamSegmenter.load(model_path)
+    sets = {
+        "real-mini TRAIN": real.train,
+        "real-mini VAL": real.val,
+        "synthetic held-out": datasets.find_pairs(syn_test),
+    }
+    started = time.perf_counter()
+    rows = {
+        name: measure(segmenter, pairs, factors, args.up_to, print) for name, pairs in sets.items()
+    }
+    minutes = (time.perf_counter() - started) / 60
+
+    edges = [e for e in BINS if e < args.up_to] + [args.up_to]
+    header = (
+        "| first-pass diameter (px) | "
+        + " | ".join(
+            f"{name}: images, x1, " + ", ".join(f"x{f:g}" for f in factors) for name in sets
+        )
+        + " |"
+    )
+    lines = [header, "|---|" + "---|" * len(sets)]
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        cells = []
+        for name in sets:
+            inside = [r for r in rows[name] if low <= r["diameter"] < high and factors[0] in r]
+            scores = [mean(r[k] for r in inside) for k in (1.0, *factors)]
+            cells.append(
+                f"{len(inside)}: " + ", ".join(f"{s:.3f}" for s in scores) if inside else "0"
+            )
+        lines.append(f"| {bin_name(low, high)} | " + " | ".join(cells) + " |")
+
+    def with_rule(name: str, below: float, factor: float) -> float:
+        return mean(
+            r[factor] if r["diameter"] < below and factor in r else r[1.0] for r in rows[name]
+        )
+
+    candidates = [(below, f) for below in edges[1:] for f in factors]
+    best = max(candidates, key=lambda c: with_rule("real-mini TRAIN", *c))
+    ours = (infer.MIN_DIAMETER, infer.UPSCALE)
+    rule_lines = [
+        "| rule | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+        "| one pass | " + " | ".join(f"{mean(r[1.0] for r in rows[n]):.3f}" for n in sets) + " |",
+    ]
+    for below, factor in candidates:
+        notes = [
+            text
+            for text, c in (("best on TRAIN", best), ("`infer`'s", ours))
+            if c == (below, factor)
+        ]
+        label = f"below {below:g} px, x{factor:g}" + (f" ({', '.join(notes)})" if notes else "")
+        rule_lines.append(
+            f"| {label} | " + " | ".join(f"{with_rule(n, below, factor):.3f}" for n in sets) + " |"
+        )
+    work = args.work.resolve()
+    shown = work.relative_to(REPO) if work.is_relative_to(REPO) else work
+    option = "" if work == REPO / "runs" / "bench_quality" else f" --work {shown}"
+    section = f"""## Inference: small cells segmented again, larger
+
+One trained segmenter (`{shown}`, from `benchmarks/bench_quality.py`), every image segmented
+once at its own scale; the typical cell diameter of that pass (`infer.inscribed_diameter`: the
+median over objects of the widest circle inside each) sorts the images. Images below
+{args.up_to:g} pixels are segmented again at {", ".join(f"{f:g}" for f in factors)} times their
+size (bilinear), their labels shrunk back (nearest). Challenge F1, mean over each bin's images:
+
+{chr(10).join(lines)}
+
+Every rule "a second pass at x times for images below d pixels" that these measurements allow,
+mean challenge F1 of each whole set; the rule is chosen on TRAIN only (`infer.MIN_DIAMETER` =
+{ours[0]:g}, `infer.UPSCALE` = {ours[1]:g}):
+
+{chr(10).join(rule_lines)}
+
+Took {minutes:.1f} minutes.
+
+- Command: `.venv/bin/python benchmarks/bench_upscale.py{option}`
+- Machine: {machine("torch", "timm", "stardist")}
+- Date: {now()}
+"""
+    print(section)
+    if not args.no_write:
+        write_section("bench_upscale", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
