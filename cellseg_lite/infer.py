@@ -829,7 +829,7 @@ def hover_settings(thresholds: dict) -> dict:
 
 def inscribed_diameter(labels: np.ndarray) -> float:
     """Typical cell diameter of a label image: the median over its objects of the widest circle
-    inside each (twice the largest distance to the background), in pixels; ``nan`` without
+    inside each (twice the largest distance to a pixel outside it), in pixels; ``nan`` without
     objects.
 
     A clump of touching cells that a first pass merged into one object still holds circles no

@@ -275,6 +275,8 @@ def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch
         return fake
 
     image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    monkeypatch.setattr(segmenter, "min_diameter", 13.0)  # not the defaults: this test's numbers
+    monkeypatch.setattr(segmenter, "upscale", 2.0)
     monkeypatch.setattr(segmenter, "_segment", first_pass(8))
     labels = segmenter.segment(image, category=0)
     assert seen == [(60, 90, 3), (120, 180, 3)]
