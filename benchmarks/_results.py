@@ -21,6 +21,12 @@ HEADER = (
 )
 
 
+def mean(values) -> float:
+    """Mean of ``values``; ``nan`` for none (an empty modality or bin)."""
+    values = list(values)
+    return statistics.fmean(values) if values else float("nan")
+
+
 def median_seconds(function, repeats: int) -> tuple[float, object]:
     """Median wall time of ``repeats`` calls after one warm-up call (numba and caches warm up there)."""
     result = function()

@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, real_mini, write_section  # noqa: E402
+from _results import machine, mean, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
@@ -41,11 +40,6 @@ def load(samples):
 
 # synthetic training images per class: with 12, classes 1 and 2 had one selection image each
 SYNTHETIC = 24
-
-
-def mean(values) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

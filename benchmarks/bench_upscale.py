@@ -21,24 +21,17 @@ pixels" makes of each whole set, with the rule that scores best on TRAIN marked 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, real_mini, write_section  # noqa: E402
+from _results import machine, mean, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BINS = (0.0, 11.0, 12.0, 13.0, 14.0, 16.0, 20.0, 25.0, 30.0)
-
-
-def mean(values) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else float("nan")
 
 
 def bin_name(low: float, high: float) -> str:
@@ -49,22 +42,19 @@ def measure(segmenter, pairs, factors, up_to: float, log) -> list[dict]:
     """Per image: first-pass diameter and F1 at scale 1 and (below ``up_to``) each factor."""
     from cellseg_lite import infer, io, metrics
 
-    one_pass = copy.copy(segmenter)
-    one_pass.min_diameter = None
     rows = []
     for pair in pairs:
         image, truth = io.read_image(pair.image_path), io.read_labels(pair.label_path)
-        category = one_pass.route(image)
-        labels = one_pass.segment(image, category=category)
+        category = segmenter.route(image)
+        labels = segmenter.segment(image, category=category, scale=1.0)
         diameter = infer.inscribed_diameter(labels)
         row = {"stem": io.image_stem(pair.image_path), "diameter": diameter,
                1.0: metrics.f1_score(truth, labels)}  # fmt: skip
         fits = image.shape[0] * image.shape[1] * max(factors) ** 2 <= infer.TILED_PIXELS
         if diameter < up_to and fits:
             for factor in factors:
-                twice = copy.copy(segmenter)  # a second pass whatever the diameter
-                twice.min_diameter, twice.upscale = float("inf"), factor
-                row[factor] = metrics.f1_score(truth, twice.segment(image, category=category))
+                larger = segmenter.segment(image, category=category, scale=factor)
+                row[factor] = metrics.f1_score(truth, larger)
         rows.append(row)
         log(f"{row['stem'][:24]:24s} d={diameter:5.1f} "
             + " ".join(f"x{k:g} {v:.3f}" for k, v in row.items() if isinstance(k, float)))  # fmt: skip

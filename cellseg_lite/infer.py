@@ -1016,7 +1016,14 @@ class MultiStreamSegmenter:
             return "stardist"
         return self.routing[self.route(image)]
 
-    def segment(self, image, *, category: int | None = None, progress: bool = False) -> np.ndarray:
+    def segment(
+        self,
+        image,
+        *,
+        category: int | None = None,
+        scale: float | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         """Instance labels ``(H, W)`` int32 of a raw image: ``(H, W)`` or ``(H, W, C)`` of any
         dtype, as :func:`cellseg_lite.io.read_image` returns it, or a path to one.
 
@@ -1024,7 +1031,8 @@ class MultiStreamSegmenter:
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
         :func:`stardist_instances_tiled` in bounded memory. Images of cells narrower than
-        ``min_diameter`` are segmented a second time, ``upscale`` times larger (see the class).
+        ``min_diameter`` are segmented a second time, ``upscale`` times larger (see the class);
+        ``scale`` instead makes one pass at that scale whatever the cells' size.
         """
         from cellseg_lite import io
 
@@ -1042,10 +1050,20 @@ class MultiStreamSegmenter:
         if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
             model = next(m for c, m in self.models.items() if m.stream == "stardist")
         x = io.normalize_image(image, source=source).astype(np.float32) / 255.0
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+                raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
+            return self._segment_at(model, x, float(scale), progress)
         labels = self._segment(model, x, progress)
         if self._wants_upscale(labels):
-            labels = _shrink_labels(self._segment(model, _enlarge(x, self.upscale), progress), x)
+            labels = self._segment_at(model, x, self.upscale, progress)
         return labels
+
+    def _segment_at(self, model: StreamModel, x: np.ndarray, scale: float, progress: bool):
+        """One pass over ``x`` resized by ``scale``, its labels at ``x``'s size."""
+        if scale == 1.0:
+            return self._segment(model, x, progress)
+        return _shrink_labels(self._segment(model, _enlarge(x, scale), progress), x)
 
     def _wants_upscale(self, labels: np.ndarray) -> bool:
         """Whether the first pass's ``labels`` hold cells too small for the network's scale (and

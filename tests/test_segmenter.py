@@ -331,3 +331,18 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
     for method in methods.values():
         assert (method.min_diameter, method.upscale) == (9.0, 1.5)
         assert method.router is segmenter.router
+
+
+def test_a_scale_gives_one_pass_at_that_scale(segmenter, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        segmenter,
+        "_segment",
+        lambda model, x, progress: seen.append(x.shape) or _discs(x.shape[:2], 8, 16),
+    )
+    image = np.zeros((40, 60, 3), np.uint8)
+    assert segmenter.segment(image, category=0, scale=1.5).shape == (40, 60)
+    assert segmenter.segment(image, category=0, scale=1.0).shape == (40, 60)
+    assert seen == [(60, 90, 3), (40, 60, 3)]
+    with pytest.raises(CellSegError, match="scale: expected a number > 0"):
+        segmenter.segment(image, category=0, scale=0)
