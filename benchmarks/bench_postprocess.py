@@ -94,7 +94,7 @@ def retune(work: Path, seed: int, real, compare: str):
     def hover_maps(image, category, tta):
         model = segmenter.models[category]
         x = io.normalize_image(image).astype(np.float32) / 255.0
-        tile, stride = segmenter._tiling(x, "hover")  # as MultiStreamSegmenter.segment tiles
+        tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
         started = time.perf_counter()
         maps = infer.hover_maps(
             model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=tta

@@ -346,3 +346,31 @@ def test_a_scale_gives_one_pass_at_that_scale(segmenter, monkeypatch):
     assert seen == [(60, 90, 3), (40, 60, 3)]
     with pytest.raises(CellSegError, match="scale: expected a number > 0"):
         segmenter.segment(image, category=0, scale=0)
+
+
+def test_both_streams_segment_with_the_window_their_thresholds_were_tuned_on(
+    segmenter, streams, monkeypatch
+):
+    class Tiled(Exception):
+        pass
+
+    windows = []
+
+    def record(predict, image, tile, stride, **_):
+        windows.append((tile, stride))
+        raise Tiled  # the window is all this test needs, not the maps
+
+    monkeypatch.setattr(infer, "sliding_window", record)
+    image = np.random.default_rng(0).integers(0, 255, (1100, 1000, 3), dtype=np.uint8)
+    for category in (0, 1):  # StarDist, HoVer
+        with pytest.raises(Tiled):
+            segmenter.segment(image, category=category)
+    for stream in streams:  # the validation maps that train tunes the thresholds on
+        with pytest.raises(Tiled):
+            train.predict_maps(stream.model, image.astype(np.float32) / 255.0)
+    assert windows == [(512, 384)] * 4
+    with pytest.raises(Tiled):  # the authors' HoVer window, by name of its stride
+        infer.MultiStreamSegmenter(segmenter.router, segmenter.models, stride=256).segment(
+            image, category=1
+        )
+    assert windows[-1] == (512, 256)
