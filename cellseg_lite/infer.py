@@ -52,6 +52,7 @@ __all__ = [
     "StarDistMaps",
     "StreamModel",
     "blend_window",
+    "default_stride",
     "flip_averaged",
     "hover_maps",
     "hover_settings",
@@ -124,6 +125,16 @@ def _check_fraction(value, name: str) -> float:
 
 
 # --------------------------------------------------------------------------- tiles
+
+
+def default_stride(tile: int) -> int:
+    """The paper's step between tiles: three quarters of a tile (384 for 512), for both streams.
+    Training tunes the thresholds on maps of this window and the segmenter predicts with it.
+
+    >>> default_stride(512)
+    384
+    """
+    return tile * 3 // 4
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -1078,7 +1089,7 @@ class MultiStreamSegmenter:
         """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike)."""
         # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
         tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
-        return tile, min(self.stride or self.tile * 3 // 4, tile)
+        return tile, min(self.stride or default_stride(self.tile), tile)
 
     def _segment(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
         from cellseg_lite.streams import hover as hv_stream

@@ -368,7 +368,7 @@ def predict_maps(
         predict = infer.flip_averaged(predict, kind)
     height, width = image.shape[:2]
     if max(height, width) > tile:
-        return infer.sliding_window(predict, image, tile=tile, stride=tile * 3 // 4)
+        return infer.sliding_window(predict, image, tile=tile, stride=infer.default_stride(tile))
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))[None]
     return np.asarray(predict(x))[0]
 
