@@ -89,6 +89,18 @@ class RealMini(NamedTuple):
     modality: dict[str, str]
 
 
+#: real-mini's modalities (its manifest's ``modality`` column), in the order of the tables.
+MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
+
+
+def work_option(work: Path, default: Path) -> tuple[Path, str]:
+    """A ``--work`` folder as a section names it: relative to the repository where it lies inside,
+    and the command-line option to repeat it (empty for the script's ``default``)."""
+    work, repo = work.resolve(), Path(__file__).resolve().parents[1]
+    shown = work.relative_to(repo) if work.is_relative_to(repo) else work
+    return shown, "" if work == default.resolve() else f" --work {shown}"
+
+
 def real_mini(*, required: bool = False) -> RealMini | None:
     """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent,
     or, with ``required``, exit with a message saying where it was looked for."""

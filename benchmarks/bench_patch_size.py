@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
 
 
 def main(argv: list[str] | None = None) -> int:

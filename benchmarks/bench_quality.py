@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, mean, now, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, mean, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
 
 
 def load(samples):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, mean, now, real_mini, write_section  # noqa: E402
+from _results import machine, mean, now, real_mini, work_option, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BINS = (0.0, 11.0, 12.0, 13.0, 14.0, 16.0, 20.0, 25.0, 30.0)
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 else "0"
             )
         class_lines.append(f"| {category} | " + " | ".join(cells) + " |")
-    work = args.work.resolve()
-    shown = work.relative_to(REPO) if work.is_relative_to(REPO) else work
-    option = "" if work == REPO / "runs" / "bench_quality" else f" --work {shown}"
+    shown, option = work_option(args.work, REPO / "runs" / "bench_quality")
     section = f"""## Inference: small cells segmented again, larger
 
 One trained segmenter (`{shown}`, from `benchmarks/bench_quality.py`), every image segmented

@@ -21,10 +21,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, mean, median_seconds, now, real_mini, write_section  # noqa: E402
+from _results import (  # noqa: E402
+    MODALITIES,
+    machine,
+    mean,
+    median_seconds,
+    now,
+    real_mini,
+    work_option,
+    write_section,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-MODALITIES = ("fluorescence", "stained", "brightfield", "phase-contrast")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     largest = sorted(images, key=lambda item: item[1].shape[0] * item[1].shape[1])[-args.largest :]
     counts = {m: sum(real.modality[stem] == m for stem, _, _ in images) for m in MODALITIES}
 
+    second = round(1024 * infer.UPSCALE)  # a 1024-pixel image's second pass
     score_lines = [
-        f"| stride | tiles of a 1024 / 1536 px square (a second pass at 1.5x) | all {len(images)} | "
+        f"| stride | tiles of a 1024 / {second} px square (a second pass at {infer.UPSCALE:g}x) | "
+        f"all {len(images)} | "
         + " | ".join(MODALITIES) + " | seconds, all images |",
         "|---|---|---|" + "---|" * len(MODALITIES) + "---|",
     ]  # fmt: skip
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             f1[stem] = metrics.f1_score(truth, segmenter.segment(image))
         total = time.perf_counter() - started
         per = [mean(v for s, v in f1.items() if real.modality[s] == m) for m in MODALITIES]
-        tiles = " / ".join(str(len(infer.tile_starts(n, 512, stride)) ** 2) for n in (1024, 1536))
+        tiles = " / ".join(str(len(infer.tile_starts(n, 512, stride)) ** 2) for n in (1024, second))
         score_lines.append(
             f"| {stride} | {tiles} | {mean(f1.values()):.3f} | "
             + " | ".join(f"{v:.3f}" for v in per) + f" | {total:.1f} |"
@@ -89,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {stem} | {h} x {w} | {metrics.time_tolerance(h, w):.1f} | "
             + " | ".join(f"{s:.2f}" for s in seconds[stem]) + " |"
         )  # fmt: skip
-    work = args.work.resolve()
-    shown = work.relative_to(REPO) if work.is_relative_to(REPO) else work
-    option = "" if work == REPO / "runs" / "bench_quality" else f" --work {shown}"
+    shown, option = work_option(args.work, REPO / "runs" / "bench_quality")
     section = f"""## Inference: the sliding window's stride
 
 One trained segmenter (`{shown}`, from `benchmarks/bench_quality.py`), the 40 real-mini VAL images
