@@ -49,8 +49,9 @@ def area_diameter(labels) -> float:
     return float(2 * np.sqrt(np.median(areas) / np.pi)) if areas.size else float("nan")
 
 
-def measure(segmenter, pairs, factors, up_to: float, log) -> list[dict]:
-    """Per image: first-pass diameter and F1 at scale 1 and (below ``up_to``) each factor."""
+def measure(segmenter, pairs, factors_for, log) -> list[dict]:
+    """Per image: first-pass diameter and F1 at scale 1 and at each of ``factors_for(diameter)``
+    (``benchmarks/bench_downscale.py`` asks the same about large cells)."""
     from cellseg_lite import infer, io, metrics
 
     rows = []
@@ -62,11 +63,11 @@ def measure(segmenter, pairs, factors, up_to: float, log) -> list[dict]:
         row = {"stem": io.image_stem(pair.image_path), "category": category,
                "diameter": diameter, "area_diameter": area_diameter(labels),
                1.0: metrics.f1_score(truth, labels)}  # fmt: skip
-        fits = image.shape[0] * image.shape[1] * max(factors) ** 2 <= infer.TILED_PIXELS
-        if diameter < up_to and fits:
-            for factor in factors:
-                larger = segmenter.segment(image, category=category, scale=factor)
-                row[factor] = metrics.f1_score(truth, larger)
+        factors = list(factors_for(diameter))
+        fits = image.shape[0] * image.shape[1] * max(factors, default=1) ** 2 <= infer.TILED_PIXELS
+        for factor in factors if fits else []:
+            rescaled = segmenter.segment(image, category=category, scale=factor)
+            row[factor] = metrics.f1_score(truth, rescaled)
         rows.append(row)
         log(f"{row['stem'][:24]:24s} d={diameter:5.1f} "
             + " ".join(f"x{k:g} {v:.3f}" for k, v in row.items() if isinstance(k, float)))  # fmt: skip
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.perf_counter()
     rows = {
-        name: measure(segmenter, pairs, factors, args.up_to, print) for name, pairs in sets.items()
+        name: measure(segmenter, pairs, lambda d: factors if d < args.up_to else [], print)
+        for name, pairs in sets.items()
     }
     minutes = (time.perf_counter() - started) / 60
     # every measurement, for questions the tables do not answer
