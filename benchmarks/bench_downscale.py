@@ -19,7 +19,6 @@ sets with the rule best on real-mini TRAIN marked, and that rule per routed clas
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, mean, now, real_mini, work_option, write_section  # noqa: E402
-from bench_upscale import bin_name, measure  # noqa: E402
+from _results import machine, mean, now, work_option, write_section  # noqa: E402
+from bench_upscale import bin_lines, class_lines, load_run, measure, save_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EDGES = (30.0, 40.0, 60.0, 90.0, float("inf"))
@@ -45,7 +44,7 @@ def scales_for(diameter: float, start: float, factors) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cellseg_lite import datasets, infer
+    from cellseg_lite import infer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -60,50 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < f < 1 for f in args.factors):
         parser.error("--factors: each must be between 0 and 1")
     factors = sorted(set(args.factors), reverse=True)
-    model_path, syn_test = args.work / "model.pt", args.work / "synthetic_test"
-    if not (model_path.is_file() and syn_test.is_dir()):
-        raise SystemExit(
-            f"{args.work}: no trained segmenter with its synthetic data; run "
-            "benchmarks/bench_quality.py first (or pass --work)"
-        )
-    real = real_mini(required=True)
-    segmenter = infer.MultiStreamSegmenter.load(model_path)
-    sets = {
-        "real-mini TRAIN": real.train,
-        "real-mini VAL": real.val,
-        "synthetic held-out": datasets.find_pairs(syn_test),
-    }
+    segmenter, sets = load_run(args.work)
     started = time.perf_counter()
     rows = {
         name: measure(segmenter, pairs, lambda d: scales_for(d, args.start, factors), print)
         for name, pairs in sets.items()
     }
     minutes = (time.perf_counter() - started) / 60
-    (args.work / "downscale_rows.json").write_text(
-        json.dumps(
-            {name: [{str(k): v for k, v in r.items()} for r in rs] for name, rs in rows.items()}
-        )
-    )
+    save_rows(args.work / "downscale_rows.json", rows)
 
     edges = [args.start] + [e for e in EDGES if e > args.start]
-    header = (
-        "| first-pass diameter (px) | "
-        + " | ".join(
-            f"{name}: images, x1, " + ", ".join(f"x{f:g}" for f in factors) for name in sets
-        )
-        + " |"
-    )
-    lines = [header, "|---|" + "---|" * len(sets)]
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        cells = []
-        for name in sets:
-            inside = [r for r in rows[name] if low <= r["diameter"] < high and factors[0] in r]
-            scores = [mean(r[k] for r in inside) for k in (1.0, *factors)]
-            cells.append(
-                f"{len(inside)}: " + ", ".join(f"{s:.3f}" for s in scores) if inside else "0"
-            )
-        label = f"{low:g} and more" if high == float("inf") else bin_name(low, high)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines = bin_lines(rows, factors, edges)
 
     def with_rule(name: str, above: float | None, factor: float, upscale: bool) -> float:
         def f1(r):
@@ -136,24 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         else "does no better on TRAIN than the small-cell rule alone: `infer` has no such "
         "second pass."
     )
-    class_lines = [
-        "| routed class | " + " | ".join(f"{n}: images retried, x1, x{best[1]:g}" for n in sets) + " |",
-        "|---|" + "---|" * len(sets),
-    ]  # fmt: skip
-    for category in range(4):
-        cells = []
-        for name in sets:
-            retried = [
-                r for r in rows[name]
-                if r["category"] == category and r["diameter"] >= best[0] and best[1] in r
-            ]  # fmt: skip
-            cells.append(
-                f"{len(retried)}: {mean(r[1.0] for r in retried):.3f}, "
-                f"{mean(r[best[1]] for r in retried):.3f}"
-                if retried
-                else "0"
-            )
-        class_lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    per_class = class_lines(rows, best[1], lambda r: r["diameter"] >= best[0])
     shown, option = work_option(args.work, REPO / "runs" / "bench_quality")
     section = f"""## Inference: large cells segmented again, smaller
 
@@ -177,7 +126,7 @@ is chosen on TRAIN only, with both:
 {verdict} Per class of the router, the images that rule segments a second
 time, their mean F1 in one pass and with the second:
 
-{chr(10).join(class_lines)}
+{chr(10).join(per_class)}
 
 Took {minutes:.1f} minutes.
 

@@ -37,6 +37,8 @@ AREA_CAPS = (30.0, 40.0, 50.0, float("inf"))
 
 
 def bin_name(low: float, high: float) -> str:
+    if high == float("inf"):
+        return f"{low:g} and more"
     return f"below {high:g}" if low == 0 else f"{low:g}-{high:g}"
 
 
@@ -74,8 +76,81 @@ def measure(segmenter, pairs, factors_for, log) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_run(work: Path):
+    """The segmenter that ``bench_quality.py`` wrote to ``work`` and the three sets it is scored
+    on: real-mini TRAIN and VAL, and the run's held-out synthetic images."""
     from cellseg_lite import datasets, infer
+
+    model_path, syn_test = work / "model.pt", work / "synthetic_test"
+    if not (model_path.is_file() and syn_test.is_dir()):
+        raise SystemExit(
+            f"{work}: no trained segmenter with its synthetic data; run "
+            "benchmarks/bench_quality.py first (or pass --work)"
+        )
+    real = real_mini(required=True)
+    sets = {
+        "real-mini TRAIN": real.train,
+        "real-mini VAL": real.val,
+        "synthetic held-out": datasets.find_pairs(syn_test),
+    }
+    return infer.MultiStreamSegmenter.load(model_path), sets
+
+
+def save_rows(path: Path, rows: dict) -> None:
+    """Every measurement as JSON, for questions the tables do not answer."""
+    path.write_text(
+        json.dumps(
+            {name: [{str(k): v for k, v in r.items()} for r in rs] for name, rs in rows.items()}
+        )
+    )
+
+
+def bin_lines(rows: dict, factors, edges) -> list[str]:
+    """Markdown table: per first-pass diameter bin and set, the images and their mean F1 at
+    scale 1 and at each factor (images that were retried)."""
+    header = (
+        "| first-pass diameter (px) | "
+        + " | ".join(f"{name}: images, x1, " + ", ".join(f"x{f:g}" for f in factors) for name in rows)
+        + " |"
+    )  # fmt: skip
+    lines = [header, "|---|" + "---|" * len(rows)]
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        cells = []
+        for name in rows:
+            inside = [r for r in rows[name] if low <= r["diameter"] < high and factors[0] in r]
+            scores = [mean(r[k] for r in inside) for k in (1.0, *factors)]
+            cells.append(
+                f"{len(inside)}: " + ", ".join(f"{s:.3f}" for s in scores) if inside else "0"
+            )
+        lines.append(f"| {bin_name(low, high)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def class_lines(rows: dict, factor: float, retried) -> list[str]:
+    """Markdown table: per routed class and set, the images a rule retries (``retried(row)``)
+    at ``factor`` and their mean F1 in one pass and with the second."""
+    lines = [
+        "| routed class | " + " | ".join(f"{n}: images retried, x1, x{factor:g}" for n in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]  # fmt: skip
+    for category in range(4):
+        cells = []
+        for name in rows:
+            chosen = [
+                r for r in rows[name] if r["category"] == category and retried(r) and factor in r
+            ]
+            cells.append(
+                f"{len(chosen)}: {mean(r[1.0] for r in chosen):.3f}, "
+                f"{mean(r[factor] for r in chosen):.3f}"
+                if chosen
+                else "0"
+            )
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cellseg_lite import infer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -88,50 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(f <= 1 for f in args.factors):
         parser.error("--factors: each must be > 1")
     factors = sorted(set(args.factors))
-    model_path, syn_test = args.work / "model.pt", args.work / "synthetic_test"
-    if not (model_path.is_file() and syn_test.is_dir()):
-        raise SystemExit(
-            f"{args.work}: no trained segmenter with its synthetic data; run "
-            "benchmarks/bench_quality.py first (or pass --work)"
-        )
-    real = real_mini(required=True)
-    segmenter = infer.MultiStreamSegmenter.load(model_path)
-    sets = {
-        "real-mini TRAIN": real.train,
-        "real-mini VAL": real.val,
-        "synthetic held-out": datasets.find_pairs(syn_test),
-    }
+    segmenter, sets = load_run(args.work)
     started = time.perf_counter()
     rows = {
         name: measure(segmenter, pairs, lambda d: factors if d < args.up_to else [], print)
         for name, pairs in sets.items()
     }
     minutes = (time.perf_counter() - started) / 60
-    # every measurement, for questions the tables do not answer
-    (args.work / "upscale_rows.json").write_text(
-        json.dumps(
-            {name: [{str(k): v for k, v in r.items()} for r in rs] for name, rs in rows.items()}
-        )
-    )
+    save_rows(args.work / "upscale_rows.json", rows)
 
     edges = [e for e in BINS if e < args.up_to] + [args.up_to]
-    header = (
-        "| first-pass diameter (px) | "
-        + " | ".join(
-            f"{name}: images, x1, " + ", ".join(f"x{f:g}" for f in factors) for name in sets
-        )
-        + " |"
-    )
-    lines = [header, "|---|" + "---|" * len(sets)]
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        cells = []
-        for name in sets:
-            inside = [r for r in rows[name] if low <= r["diameter"] < high and factors[0] in r]
-            scores = [mean(r[k] for r in inside) for k in (1.0, *factors)]
-            cells.append(
-                f"{len(inside)}: " + ", ".join(f"{s:.3f}" for s in scores) if inside else "0"
-            )
-        lines.append(f"| {bin_name(low, high)} | " + " | ".join(cells) + " |")
+    lines = bin_lines(rows, factors, edges)
 
     def with_rule(name: str, below: float, factor: float, cap: float = float("inf")) -> float:
         return mean(
@@ -170,24 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         cap_lines.append(
             f"| {name} | " + " | ".join(f"{with_rule(n, *best, cap):.3f}" for n in sets) + " |"
         )
-    class_lines = [
-        "| routed class | " + " | ".join(f"{n}: images retried, x1, x{best[1]:g}" for n in sets) + " |",
-        "|---|" + "---|" * len(sets),
-    ]  # fmt: skip
-    for category in range(4):
-        cells = []
-        for name in sets:
-            retried = [
-                r for r in rows[name]
-                if r["category"] == category and r["diameter"] < best[0] and best[1] in r
-            ]  # fmt: skip
-            cells.append(
-                f"{len(retried)}: {mean(r[1.0] for r in retried):.3f}, "
-                f"{mean(r[best[1]] for r in retried):.3f}"
-                if retried
-                else "0"
-            )
-        class_lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    per_class = class_lines(rows, best[1], lambda r: r["diameter"] < best[0])
     shown, option = work_option(args.work, REPO / "runs" / "bench_quality")
     section = f"""## Inference: small cells segmented again, larger
 
@@ -214,7 +239,7 @@ long cells are narrow but not small, and a clump of merged cells is large by are
 The same rule per class of the router: images it segments a second time, their mean F1 in one
 pass and with the second:
 
-{chr(10).join(class_lines)}
+{chr(10).join(per_class)}
 
 Took {minutes:.1f} minutes.
 
