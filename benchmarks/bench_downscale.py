@@ -13,7 +13,7 @@ scale, every rule "a second pass at ``x`` times for images at or above ``d`` pix
 sets with the rule best on real-mini TRAIN marked, and that rule per routed class.
 
     .venv/bin/python benchmarks/bench_quality.py --routing validated   # trains the segmenter
-    .venv/bin/python benchmarks/bench_downscale.py                      # about 10 minutes
+    .venv/bin/python benchmarks/bench_downscale.py                      # about 3 minutes
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def scales_for(diameter: float, start: float, factors) -> list[float]:
     package's second pass (``infer.UPSCALE``) for small ones, so that the rules combine."""
     from cellseg_lite import infer
 
-    if diameter >= start:
-        return list(factors)
-    return [infer.UPSCALE] if diameter < infer.MIN_DIAMETER else []
+    scales = list(factors) if diameter >= start else []
+    if diameter < infer.MIN_DIAMETER:  # also where a low --from makes both rules apply
+        scales.append(infer.UPSCALE)
+    return scales
 
 
 def main(argv: list[str] | None = None) -> int:
