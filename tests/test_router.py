@@ -431,6 +431,30 @@ def test_validation_keeps_the_best_epoch_and_reports_each(tiny_set):
     assert trained.training["n_val"] == 4 and trained.training["balance"] == "loss"
 
 
+def test_ties_on_validation_accuracy_go_to_the_lowest_cross_entropy(tiny_set, monkeypatch):
+    scores = iter([(0.5, 1.0), (1.0, 0.5), (1.0, 0.1), (1.0, 0.3)])  # (accuracy, loss) per epoch
+    monkeypatch.setattr(router, "_evaluate", lambda *args: next(scores))
+    images, categories = tiny_set
+    _, history = quick(images, categories, epochs=4, val=(images, categories))
+    assert history.val_accuracy == [0.5, 1.0, 1.0, 1.0]
+    assert history.val_loss == [1.0, 0.5, 0.1, 0.3]
+    assert history.best_epoch == 2  # not 1, the first epoch that was right on every image
+
+
+def test_the_kept_weights_reproduce_the_best_epochs_validation_scores(tiny_set):
+    from cellseg_lite.router import _evaluate
+
+    images, categories = tiny_set
+    trained, history = quick(images, categories, epochs=3, val=(images, categories), seed=2)
+    pre = trained.preprocessing
+    tensors = [pre.cache(image) for image in images]
+    accuracy, loss = _evaluate(
+        trained.model, tensors, np.asarray(categories), pre.eval_transform(), "cpu", 8
+    )
+    assert accuracy == history.val_accuracy[history.best_epoch]
+    assert loss == pytest.approx(history.val_loss[history.best_epoch], rel=1e-5)
+
+
 def test_training_reads_files(tiny_set, trained, tmp_path):
     images, categories = tiny_set
     paths = []
