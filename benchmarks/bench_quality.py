@@ -120,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         name: [low_level_category(image, labels) for _, image, labels in images]
         for name, images in sets.items()
     }
+    routing_lines = []
+    for set_name, images in sets.items():
+        routed = [segmenter.route(image) for _, image, _ in images]
+        wrong = [
+            f"{stem} {c} -> {r}"
+            for (stem, _, _), c, r in zip(images, categories[set_name], routed, strict=True)
+            if c != r
+        ]
+        routing_lines.append(
+            f"- {set_name}: {len(images) - len(wrong)} of {len(images)} images"
+            + (f" (not: {', '.join(wrong)})" if wrong else "")
+        )
+        print(routing_lines[-1], flush=True)
     scores = {}
     for name, method in methods.items():
         segment = (
@@ -183,6 +196,11 @@ comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if ar
 | stage | minutes | selection score | kept | note |
 |---|---|---|---|---|
 {stage_lines}
+
+**Routing**: the test images that the router sent to the class the 4-way rule gives them from
+their true labels (`categorize.low_level_category`), and those it sent elsewhere (rule -> router):
+
+{chr(10).join(routing_lines)}
 
 Every segmenter below except the one-pass row segments an image whose cells a first pass finds
 narrower than {segmenter.min_diameter:g} pixels a second time, {segmenter.upscale:g} times larger
