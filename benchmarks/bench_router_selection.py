@@ -15,7 +15,12 @@ The first is reproduced by training again for exactly that many epochs without a
 (the learning-rate schedule is per epoch and the run deterministic, so the weights are the same).
 Both are scored on held-out synthetic images (other seeds) and on the real-mini VAL split.
 
-    .venv/bin/python benchmarks/bench_router_selection.py       # about 3 minutes
+With ``--swap OLD NEW`` (two ``--work`` folders of ``bench_quality.py``) it also scores OLD's
+segmenter as it was and with NEW's router, on the real-mini VAL split and OLD's held-out synthetic
+images: the same streams, so the difference is the routing alone.
+
+    .venv/bin/python benchmarks/bench_router_selection.py       # about 1.5 minutes
+    .venv/bin/python benchmarks/bench_router_selection.py --swap runs/bq11 runs/bq12  # +1 minute
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, now, real_mini, write_section  # noqa: E402
+from _results import machine, now, real_mini, work_option, write_section  # noqa: E402
 from bench_quality import SYNTHETIC  # noqa: E402
 
 
@@ -45,16 +50,61 @@ def accuracy(router, images, categories) -> tuple[float, list[float]]:
     return float(np.mean(predicted == truth)), per_class
 
 
+def swap_lines(old: Path, new: Path) -> list[str]:
+    """Challenge F1 of ``old``'s segmenter with its own router and with ``new``'s, per class."""
+    import copy
+
+    from bench_upscale import load_run
+
+    from cellseg_lite import infer, io, metrics
+    from cellseg_lite.categorize import low_level_category
+
+    segmenter, sets = load_run(old)
+    swapped = copy.copy(segmenter)
+    swapped.router = infer.MultiStreamSegmenter.load(new / "model.pt").router
+    lines = [
+        "| set | router | routed to the rule's class | mean F1 | class 0 | class 1 | class 2 "
+        "| class 3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for set_name in ("real-mini VAL", "synthetic held-out"):
+        images = [
+            (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
+            for s in sets[set_name]
+        ]
+        classes = np.array([low_level_category(image, labels) for _, image, labels in images])
+        for name, chosen in ((f"{old.name}'s own", segmenter), (f"{new.name}'s", swapped)):
+            routed = np.array([chosen.route(image) for _, image, _ in images])
+            rows = metrics.evaluate_segmenter(chosen.segment, images, categories=classes)
+            f1 = np.array([r.f1 for r in rows])
+            per_class = [
+                f"{f1[classes == c].mean():.3f}" if np.any(classes == c) else "-" for c in range(4)
+            ]
+            lines.append(
+                f"| {set_name} | {name} | {int(np.sum(routed == classes))} of {len(images)} "
+                f"| {f1.mean():.3f} | " + " | ".join(per_class) + " |"
+            )
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-per-class", type=int, default=50, help="held-out synthetic")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--swap",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="also score OLD's segmenter with NEW's router (bench_quality.py --work folders)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from cellseg_lite import categorize, datasets, io, router, synthetic, train
+    from cellseg_lite import categorize, datasets, infer, io, router, synthetic, train
 
     started = time.perf_counter()
     real = real_mini(required=True)
@@ -117,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(rows[-1], flush=True)
+    swap = ""
+    if args.swap:
+        old, new = args.swap
+        shown = [work_option(folder, folder)[0] for folder in (old, new)]
+        routers = [infer.MultiStreamSegmenter.load(f / "model.pt").router for f in (old, new)]
+        how = [
+            "with the tie-break"
+            if "val_loss" in r.training.get("history", {})
+            else "on accuracy alone, by code before the tie-break"
+            for r in routers
+        ]
+        swap = f"""
+The segmenter of `{shown[0]}` (from `bench_quality.py`; its router's epoch chosen {how[0]})
+scored as it was and with the router of `{shown[1]}` (chosen {how[1]}), challenge F1: the streams
+are the same, so the difference is the routing alone.
+
+{chr(10).join(swap_lines(old, new))}
+"""
     minutes = (time.perf_counter() - started) / 60
 
     lines = [
@@ -152,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             else "(worse: the tie-break of `router.train_router` should be revisited)."
         )
     )
+    command = (
+        ""
+        if not args.swap
+        else " --swap " + " ".join(str(work_option(folder, folder)[0]) for folder in args.swap)
+    )
     reruns = "yes" if all(r["same_run"] for r in rows) else "NO: the comparison is not exact"
     n_selection = len(selection_pair[1])
     section = f"""## Router: which epoch to keep when the validation set is small
@@ -166,9 +239,11 @@ step: {reruns}).
 
 {chr(10).join(lines)}
 
-{verdict} Took {minutes:.1f} minutes.
+{verdict}
+{swap}
+Took {minutes:.1f} minutes.
 
-- Command: `.venv/bin/python benchmarks/bench_router_selection.py`
+- Command: `.venv/bin/python benchmarks/bench_router_selection.py{command}`
 - Machine: {machine("torch", "torchvision")}
 - Date: {now()}
 """
