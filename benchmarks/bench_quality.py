@@ -188,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 **Training data**: the 156 real-mini TRAIN images and {4 * args.synthetic} synthetic images
 ({args.synthetic} per class, 256 x 256, seed {args.seed}); {args.routing} routing. A selection split
 (12% of each class) is held out of these for validation F1, best-epoch and threshold selection
-and the keep-or-drop decision of each fine-tuned model; the real-mini VAL split is used for
-nothing but the scores below. Training took **{train_minutes:.1f} minutes** of wall time in all
+and the keep-or-drop decision of each fine-tuned model; only a class with at least
+{train.MIN_SELECTION_IMAGES} selection images is fine-tuned and given thresholds of its own (the
+others keep the pre-trained model, their share of the fine-tuning budget goes to pre-training).
+The real-mini VAL split is used for nothing but the scores below. Training took **{train_minutes:.1f} minutes** of wall time in all
 (loop budget {args.minutes:g} minutes, the rest is threshold tuning and the fine-tuning
 comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}{average}).{race}
 

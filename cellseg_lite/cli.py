@@ -69,6 +69,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             minutes=args.minutes,
             routing=args.routing,
             val=args.val,
+            min_selection_images=train.MIN_SELECTION_IMAGES
+            if args.min_selection_images is None
+            else args.min_selection_images,
             work_dir=args.work_dir,
             device=args.device,
             seed=args.seed,
@@ -212,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stream on each class's validation images (both pre-train a probe, the winners go on)",
     )
     tr.add_argument("--val", type=Path, default=None, help="validation folder (default: held out)")
+    tr.add_argument(
+        "--min-selection-images",
+        type=int,
+        default=None,
+        help="fine-tune only classes with at least this many validation images "
+        "(default: train.MIN_SELECTION_IMAGES)",
+    )
     tr.add_argument("--work-dir", type=Path, default=None, help="keep each stage's checkpoint here")
     tr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best)")
     tr.add_argument("--seed", type=int, default=0)

@@ -139,6 +139,9 @@ def run_demo(
         minutes=minutes,
         work_dir=out / "work",
         seed=seed,
+        # one selection image per class is too few to judge a fine-tuned model by
+        # (train.MIN_SELECTION_IMAGES), but the demo is there to show every stage of the method
+        min_selection_images=1,
         progress=progress,
         log=say,
     )
@@ -200,6 +203,10 @@ held-out ones of {size} x {size} pixels (seed {seed}).
 ## Training
 
 {stage_table}
+
+Each class's fine-tuned model is kept or dropped on the training images held out for selection
+(12% of each class: one image with the default 8 per class), far too few to trust the choice. The demo makes it anyway, to show the stage; `train.train_multistream` on real data
+fine-tunes only classes with at least {train.MIN_SELECTION_IMAGES} selection images.
 
 Router accuracy on the held-out images: {router_accuracy:.3f}.
 

@@ -1083,8 +1083,15 @@ def train_stream(
 
 #: Shares of a multi-stream time budget: the router, the pre-training of the two streams on every
 #: image (0.67 together, split between the streams by the images their classes hold, at least a
-#: fifth each) and the per-class fine-tuning (split evenly over the classes that have images).
+#: fifth each) and the per-class fine-tuning (a quarter of it per class; a class that is not
+#: fine-tuned, for want of images or with ``fine_tune=False``, hands its quarter to pre-training).
 BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0.25}
+#: The fewest selection images of a class on which :func:`train_multistream` fine-tunes that class
+#: and tunes its own thresholds. On three images both decisions are coin tosses: in
+#: ``benchmarks/bench_quality.py`` a class kept a fine-tuned model, or thresholds of its own, that
+#: lost 0.10-0.15 F1 on that class's held-out synthetic images against the pre-trained model with
+#: the thresholds of all selection images. A class below it keeps the pre-trained model as it is.
+MIN_SELECTION_IMAGES = 5
 #: Under the validated routing, the share of the pre-training budget that each stream trains for
 #: before the selection images choose between them (the winners share the rest).
 VALIDATION_PROBE = 0.2
@@ -1154,6 +1161,7 @@ def train_multistream(
     val=None,
     val_fraction: float = 0.12,
     fine_tune: bool = True,
+    min_selection_images: int = MIN_SELECTION_IMAGES,
     pretrained: bool | None = None,
     changes: dict | None = None,
     work_dir: str | os.PathLike | None = None,
@@ -1169,6 +1177,9 @@ def train_multistream(
     images; fine-tune the pre-trained model of each class's stream on that class's images. Each
     fine-tuned model is kept only if it beats the pre-trained one on that class's validation
     images (the challenge F1), and each model's post-processing thresholds are tuned there.
+    A class with fewer than ``min_selection_images`` validation images (or any class with
+    ``fine_tune=False``) is not fine-tuned and keeps the pre-trained model with the thresholds
+    tuned on all validation images; its share of the fine-tuning budget goes to pre-training.
     ``data``: a folder, a list of folders or a list of :class:`~cellseg_lite.datasets.Sample`.
     ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
     held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
@@ -1199,6 +1210,14 @@ def train_multistream(
             "train_multistream runs in one process; under torchrun train each stream with "
             "train.train_stream (DistributedDataParallel, see chapter 7) and build the segmenter "
             "from the checkpoints"
+        )
+    if (
+        isinstance(min_selection_images, bool)
+        or not isinstance(min_selection_images, int)
+        or (min_selection_images < 1)
+    ):
+        raise CellSegError(
+            f"min_selection_images: expected a positive integer, got {min_selection_images!r}"
         )
     say = log or (lambda message: None)
     folders = [data] if isinstance(data, str | os.PathLike) else list(data)
@@ -1234,6 +1253,24 @@ def train_multistream(
     work_dir.mkdir(parents=True, exist_ok=True)
     stages: list[Stage] = []
 
+    val_by_class = {
+        c: [s for s, k in zip(val_samples, val_categories, strict=True) if k == c] for c in range(4)
+    }
+    # fine-tuning needs training images of the class and enough selection images to judge it
+    tunable = [
+        c
+        for c in range(4)
+        if fine_tune
+        and sum(k == c for k in categories) >= 2
+        and len(val_by_class[c]) >= min_selection_images
+    ]
+    untuned = [c for c in range(4) if 0 < len(val_by_class[c]) < min_selection_images]
+    if fine_tune and untuned:
+        say(
+            f"not fine-tuned: class(es) {untuned}, fewer than {min_selection_images} selection "
+            f"images ({[len(val_by_class[c]) for c in untuned]})"
+        )
+
     # The pre-training budget follows the data: each stream gets a share in proportion to the
     # images of the classes it serves (at least a fifth, so that a rare class still gets a model).
     served = {
@@ -1241,13 +1278,18 @@ def train_multistream(
         for stream in set(routing_table.values())
     }
     weight = {stream: max(fraction, 0.2) for stream, fraction in served.items()}
-    pretrain_share = BUDGET_SHARES["stardist"] + BUDGET_SHARES["hover"]
-    shares = dict(BUDGET_SHARES)
+    fine_tune_per_class = BUDGET_SHARES["fine_tune"] / 4
+    pretrain_share = (
+        BUDGET_SHARES["stardist"]
+        + BUDGET_SHARES["hover"]
+        + fine_tune_per_class * (4 - len(tunable))
+    )
+    shares = dict(BUDGET_SHARES, fine_tune=fine_tune_per_class)
     for stream in ("stardist", "hover"):
         shares[stream] = pretrain_share * weight.get(stream, 0.0) / sum(weight.values())
 
-    def share(name: str, parts: int = 1) -> float | None:
-        return None if minutes is None else minutes * shares[name] / parts
+    def share(name: str) -> float | None:
+        return None if minutes is None else minutes * shares[name]
 
     # 1. the router
     started = time.perf_counter()
@@ -1267,9 +1309,6 @@ def train_multistream(
     say(f"router: {stages[-1].seconds:.0f} s, validation accuracy {accuracy:.3f}")
 
     # 2. pre-training of each stream that the routing uses, on every image
-    val_by_class = {
-        c: [s for s, k in zip(val_samples, val_categories, strict=True) if k == c] for c in range(4)
-    }
     pretrained: dict[str, Checkpoint] = {}
     configs: dict[str, TrainConfig] = {}
 
@@ -1381,11 +1420,6 @@ def train_multistream(
 
     # 3. fine-tuning per class, kept only where it helps that class
     models: dict[int, Checkpoint] = {c: pretrained[routing_table[c]] for c in range(4)}
-    tunable = [
-        c
-        for c in range(4)
-        if fine_tune and sum(k == c for k in categories) >= 2 and val_by_class[c]
-    ]
     for c in tunable:
         stream = routing_table[c]
         started = time.perf_counter()
@@ -1403,7 +1437,7 @@ def train_multistream(
         path = work_dir / f"{stream}_class{c}.pt"
         config = base.replace(
             stream=stream,
-            minutes=share("fine_tune", len(tunable)),
+            minutes=share("fine_tune"),
             lr=base.lr / 3,
             warmup_steps=0,
             seed=seed + 1 + c,

@@ -476,6 +476,7 @@ def book_segmenter(settings: Settings) -> BookSegmenter:
             _, stages = train.train_multistream(
                 data + real, path / "model.pt", val=val + real_val, preset_name=settings.preset,
                 minutes=minutes, changes=changes, work_dir=Path(tmp) / "work", seed=0,
+                min_selection_images=3,  # the 3 validation images per class made above
                 progress=settings.progress, log=print,
             )  # fmt: skip
             for stream in ("stardist", "hover"):  # without their resume state: a third the size

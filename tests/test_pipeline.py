@@ -131,6 +131,10 @@ def test_train_command_errors(tmp_path, capsys):
     assert "data folder not found" in capsys.readouterr().err
     assert cli.main(["train", "--synthetic", "1", "--out", str(tmp_path)]) == cli.EXIT_USAGE
     assert "is a folder" in capsys.readouterr().err
+    few = ["train", "--synthetic", "1", "--out", str(tmp_path / "m.pt"), "--min-selection-images"]
+    assert cli.main([*few, "0"]) == cli.EXIT_USAGE
+    assert "min_selection_images: expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_a_stream_checkpoint_of_another_backbone_is_refused_by_fine_tuning(tmp_path):
@@ -175,6 +179,36 @@ def test_validated_routing_sends_each_class_to_its_better_stream(tmp_path):
         won = stream in segmenter.routing.values()
         assert (f"{stream} on all (continued)" in names) == won
         assert epochs == (train.preset("fast").epochs if won else 1)
+
+
+def test_only_classes_with_enough_selection_images_are_fine_tuned(tmp_path):
+    data, rich, poor = tmp_path / "data", tmp_path / "val_rich", tmp_path / "val_poor"
+    synthetic.make_dataset(data, 3, size=(96, 96), seed=4, categories=(0, 1, 3))
+    synthetic.make_dataset(rich, 2, size=(96, 96), seed=5, categories=(0,))
+    synthetic.make_dataset(poor, 1, size=(96, 96), seed=6, categories=(1, 3))
+    minutes = 0.4
+    segmenter, stages = train.train_multistream(
+        data, tmp_path / "model.pt", val=[rich, poor], preset_name="fast", minutes=minutes,
+        min_selection_images=2, progress=False, work_dir=tmp_path / "stages",
+    )  # fmt: skip
+    assert [s.name for s in stages if "fine-tuned" in s.name] == ["stardist fine-tuned on class 0"]
+    work = tmp_path / "stages"
+    assert sorted(p.name for p in work.glob("*_class*.pt")) == ["stardist_class0.pt"]
+    pre = {s: train.load_checkpoint(work / f"{s}_all.pt") for s in ("stardist", "hover")}
+    for c in (1, 2, 3):  # too few selection images, or none: the pre-trained model as it is
+        assert segmenter.models[c].thresholds == pre[segmenter.routing[c]].thresholds
+    # a quarter of the fine-tuning share per fine-tuned class; the other three go to pre-training
+    fine = train.BUDGET_SHARES["fine_tune"] / 4
+    tuned = train.load_checkpoint(work / "stardist_class0.pt")
+    assert tuned.config.minutes == pytest.approx(minutes * fine)
+    pretraining = train.BUDGET_SHARES["stardist"] + train.BUDGET_SHARES["hover"] + 3 * fine
+    assert sum(ckpt.config.minutes for ckpt in pre.values()) == pytest.approx(minutes * pretraining)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "5"])
+def test_min_selection_images_must_be_a_positive_integer(tmp_path, bad):
+    with pytest.raises(CellSegError, match=f"min_selection_images: .*got {bad!r}"):
+        train.train_multistream(tmp_path, tmp_path / "model.pt", min_selection_images=bad)
 
 
 def test_the_whole_method_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
