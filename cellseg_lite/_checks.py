@@ -9,6 +9,13 @@ import numpy as np
 from cellseg_lite._errors import CellSegError, where
 
 
+def positive_int(value, name: str) -> int:
+    """``value`` as an int, or a CellSegError naming ``name`` (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise CellSegError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
 def as_image(image, source: str | os.PathLike | None = "image") -> np.ndarray:
     """Check a 2-D image array: ``(H, W)`` or channel-last ``(H, W, C)``, numeric, non-empty.
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cellseg_lite._checks import positive_int
 from cellseg_lite._errors import CellSegError
 
 __all__ = ["DemoResult", "ablation_segmenters", "run_demo"]
@@ -115,9 +116,7 @@ def run_demo(
 
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0:
         raise CellSegError(f"minutes: expected a positive number, got {minutes!r}")
-    for name, value in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CellSegError(f"{name}: expected a positive integer, got {value!r}")
+    n_train, n_test = positive_int(n_train, "n_train"), positive_int(n_test, "n_test")
     say = log or (lambda message: None)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -205,8 +204,9 @@ held-out ones of {size} x {size} pixels (seed {seed}).
 {stage_table}
 
 Each class's fine-tuned model is kept or dropped on the training images held out for selection
-(12% of each class: one image with the default 8 per class), far too few to trust the choice. The demo makes it anyway, to show the stage; `train.train_multistream` on real data
-fine-tunes only classes with at least {train.MIN_SELECTION_IMAGES} selection images.
+(12% of each class: one image with the default 8 per class), far too few to trust the choice.
+The demo makes it anyway, to show the stage; `train.train_multistream` on real data fine-tunes
+only classes with at least {train.MIN_SELECTION_IMAGES} selection images.
 
 Router accuracy on the held-out images: {router_accuracy:.3f}.
 

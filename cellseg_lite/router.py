@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellseg_lite._checks import as_image, load_torch_file, resolve_device
+from cellseg_lite._checks import as_image, load_torch_file, positive_int, resolve_device
 from cellseg_lite._errors import CellSegError, where
 
 __all__ = [
@@ -114,12 +114,6 @@ def build_router(pretrained: bool = False, *, num_classes: int = NUM_CLASSES) ->
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise CellSegError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
 def _three_floats(value, name: str) -> tuple[float, float, float]:
     try:
         numbers = tuple(float(v) for v in value)
@@ -151,8 +145,8 @@ class Preprocessing:
     normalisation: str = field(default="challenge", init=False)
 
     def __post_init__(self):
-        resize = _positive_int(self.resize, "resize")
-        crop = _positive_int(self.crop, "crop")
+        resize = positive_int(self.resize, "resize")
+        crop = positive_int(self.crop, "crop")
         if crop > resize:
             raise CellSegError(f"crop: must not exceed resize ({resize}), got {crop}")
         if crop < 32:
@@ -324,7 +318,7 @@ class Router:
         self, images: Sequence, *, batch_size: int = 32, channel_rule: bool | None = None
     ) -> list[RouterPrediction]:
         """Route many raw images (arrays or paths), ``batch_size`` at a time through the network."""
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = positive_int(batch_size, "batch_size")
         if isinstance(images, np.ndarray) or isinstance(images, str | os.PathLike):
             raise CellSegError("images: expected a sequence of images, got a single image")
         names = [f"images[{index}]" for index in range(len(images))]
@@ -578,9 +572,9 @@ def train_router(
     """
     from tqdm import tqdm
 
-    epochs = _positive_int(epochs, "epochs")
-    batch_size = _positive_int(batch_size, "batch_size")
-    step_size = _positive_int(step_size, "step_size")
+    epochs = positive_int(epochs, "epochs")
+    batch_size = positive_int(batch_size, "batch_size")
+    step_size = positive_int(step_size, "step_size")
     for name, value in [
         ("lr", lr),
         ("momentum", momentum),

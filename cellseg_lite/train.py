@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellseg_lite._checks import load_torch_file, resolve_device
+from cellseg_lite._checks import load_torch_file, positive_int, resolve_device
 from cellseg_lite._errors import CellSegError, where
 from cellseg_lite.config import fast_mode
 
@@ -1211,14 +1211,7 @@ def train_multistream(
             "train.train_stream (DistributedDataParallel, see chapter 7) and build the segmenter "
             "from the checkpoints"
         )
-    if (
-        isinstance(min_selection_images, bool)
-        or not isinstance(min_selection_images, int)
-        or (min_selection_images < 1)
-    ):
-        raise CellSegError(
-            f"min_selection_images: expected a positive integer, got {min_selection_images!r}"
-        )
+    min_selection_images = positive_int(min_selection_images, "min_selection_images")
     say = log or (lambda message: None)
     folders = [data] if isinstance(data, str | os.PathLike) else list(data)
     samples = []
