@@ -48,6 +48,7 @@ from cellseg_lite.config import fast_mode
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LR_SCHEDULES",
     "HOVER_SIZE_FLOORS",
     "PRESETS",
     "STREAMS",
@@ -70,6 +71,8 @@ __all__ = [
 
 #: The two segmentation streams of the method.
 STREAMS = ("stardist", "hover")
+#: ``TrainConfig.lr_schedule`` values: the paper's steps, or a decay to zero over the run.
+LR_SCHEDULES = ("step", "linear", "cosine")
 #: ``format`` field of a stream checkpoint (a router checkpoint has its own).
 CHECKPOINT_FORMAT = "cellseg-lite-stream"
 _CHECKPOINT_LAYOUT = 1
@@ -86,9 +89,11 @@ class TrainConfig:
     ``n_rays`` (StarDist), ``pretrained`` (ImageNet encoder weights; falls back with a warning
     offline). Data: ``patch_size``, ``batch_size`` (per process), ``patches_per_image`` (patches
     drawn from each image per epoch), ``augment`` (the paper's eight augmentations).
-    Optimisation: AdamW with ``lr`` and ``weight_decay``; the learning rate is multiplied by
-    ``lr_gamma`` at each fraction of the run in ``lr_milestones`` (the paper: x0.5 at epoch 200
-    of 800, i.e. at 0.25), after a linear warm-up of ``warmup_steps``. Length: ``epochs``, and
+    Optimisation: AdamW with ``lr`` and ``weight_decay``; ``lr_schedule``: ``"step"`` (the
+    paper's) multiplies the learning rate by ``lr_gamma`` at each fraction of the run in
+    ``lr_milestones`` (the paper: x0.5 at epoch 200 of 800, i.e. at 0.25); ``"linear"`` and
+    ``"cosine"`` lower it from ``lr`` to zero over the run (milestones and gamma unused); all
+    after a linear warm-up of ``warmup_steps``. Length: ``epochs``, and
     optionally a budget of ``minutes`` (the run stops after the first step past it, validation
     included; the schedule then follows elapsed time). ``ema_decay``: keep an exponential moving
     average of the weights (``torch.optim.swa_utils``, BatchNorm statistics included) with this
@@ -115,6 +120,7 @@ class TrainConfig:
     augment: bool = True
     lr: float = 1e-4
     weight_decay: float = 0.01
+    lr_schedule: str = "step"
     lr_milestones: tuple[float, ...] = (0.25,)
     lr_gamma: float = 0.5
     warmup_steps: int = 0
@@ -182,6 +188,10 @@ def _check_config(c: TrainConfig) -> None:
         raise CellSegError(f"tta: expected True, False or None, got {c.tta!r}")
     if c.loss not in ("paper", "code"):
         raise CellSegError(f"loss: expected 'paper' or 'code', got {c.loss!r}")
+    if c.lr_schedule not in LR_SCHEDULES:
+        raise CellSegError(
+            f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {c.lr_schedule!r}"
+        )
     for name in ("patch_size", "batch_size", "patches_per_image", "epochs", "val_every", "n_rays"):
         positive_int(name)
     for name in ("num_workers", "warmup_steps", "seed"):
@@ -738,7 +748,13 @@ def _epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, ddp: _D
 
 
 def _learning_rate(config: TrainConfig, step: int, progress: float) -> float:
-    lr = config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
+    progress = min(max(progress, 0.0), 1.0)
+    if config.lr_schedule == "step":
+        lr = config.lr * config.lr_gamma ** sum(progress >= m for m in config.lr_milestones)
+    elif config.lr_schedule == "linear":
+        lr = config.lr * (1.0 - progress)
+    else:  # cosine
+        lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if config.warmup_steps and step < config.warmup_steps:
         lr *= (step + 1) / config.warmup_steps
     return lr

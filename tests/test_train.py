@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"minutes": 0}, "minutes: expected a positive number"),
         ({"lr_milestones": (1.5,)}, "lr_milestones: expected fractions"),
         ({"loss": "focal"}, "loss: expected 'paper' or 'code'"),
+        ({"lr_schedule": "onecycle"}, "lr_schedule: expected one of step, linear, cosine"),
         ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
         ({"tta": "yes"}, "tta: expected True, False or None"),
         ({"learning_rate": 1.0}, "unknown setting"),
@@ -131,6 +133,31 @@ def test_learning_rate_schedule_warms_up_and_halves():
     assert train._learning_rate(config, 20, 0.1) == pytest.approx(1e-3)
     assert train._learning_rate(config, 20, 0.3) == pytest.approx(5e-4)
     assert train._learning_rate(config, 20, 0.9) == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decaying_schedules_fall_from_the_peak_to_zero_over_the_run(schedule):
+    config = fast(lr=1e-3, warmup_steps=10, lr_schedule=schedule)
+    assert train._learning_rate(config, 0, 0.0) == pytest.approx(1e-4)  # warm-up first
+    assert train._learning_rate(config, 20, 0.0) == pytest.approx(1e-3)
+    assert train._learning_rate(config, 20, 0.5) == pytest.approx(5e-4)  # both halve mid-run
+    rates = [train._learning_rate(config, 20, p) for p in np.linspace(0, 1, 11)]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] == 0.0
+    # a step past a time budget reads progress above 1: never a negative rate
+    assert train._learning_rate(config, 20, 1.2) == 0.0
+    if schedule == "linear":
+        assert train._learning_rate(config, 20, 0.8) == pytest.approx(2e-4)
+    else:  # slower at first, faster later
+        assert train._learning_rate(config, 20, 0.25) > 7.5e-4
+        assert train._learning_rate(config, 20, 0.8) < 2e-4
+
+
+def test_schedule_is_stored_in_the_checkpoint_and_old_ones_read_as_steps():
+    config = fast(lr_schedule="cosine")
+    assert train.TrainConfig.from_dict(config.to_dict()).lr_schedule == "cosine"
+    older = {k: v for k, v in config.to_dict().items() if k != "lr_schedule"}
+    assert train.TrainConfig.from_dict(older).lr_schedule == "step"
 
 
 # --------------------------------------------------------------------------- targets in the data set
