@@ -13,15 +13,16 @@ output stride 2 instead of 4: its own RESULTS section), ``femto`` and ``pico`` (
 than the lite preset's convnext_atto: their own section); and the precision of the training step: ``float32``, ``bf16``
 (autocast forward pass, the loss in float32, as ``train`` does) and ``bf16-loss`` (the loss
 computed in bf16 as well, as ``train`` did before the fix: what that cost). Precision variants go
-to their own RESULTS section; so do the learning-rate schedules ``linear`` and ``cosine``
-(``TrainConfig.lr_schedule``: decay to zero over the budget, against the preset's steps).
+to their own RESULTS section; so do the learning-rate schedules ``steps``, ``linear`` and ``cosine``
+(``TrainConfig.lr_schedule``: the halvings at 50 % and 80 % of the budget that the preset had
+before, and decays to zero over the budget; ``linear`` is what the preset now does).
 
     .venv/bin/python benchmarks/bench_lite_recipe.py                 # 5 minutes per run, ~27 in all
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 2 --seeds 0 --no-write
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 3 --variants bf16-loss bf16 float32
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants last code-decoder
     .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 12 --variants last pico --seeds 0
-    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants last linear cosine
+    .venv/bin/python benchmarks/bench_lite_recipe.py --minutes 4 --variants steps linear cosine
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ VARIANTS = {
     "float32": {"amp": False},
     "bf16": {"amp": True},
     "bf16-loss": {"amp": True},
+    "steps": {"lr_schedule": "step", "lr_milestones": (0.5, 0.8)},
     "linear": {"lr_schedule": "linear"},
     "cosine": {"lr_schedule": "cosine"},
 }
@@ -57,7 +59,7 @@ SECTIONS = (
     (("float32", "bf16", "bf16-loss"), "precision of the training step", "bench_lite_precision"),
     (("code-decoder",), "decoder", "bench_lite_decoder"),
     (("femto", "pico"), "encoder", "bench_lite_backbone"),
-    (("linear", "cosine"), "learning-rate schedule", "bench_lite_schedule"),
+    (("steps", "linear", "cosine"), "learning-rate schedule", "bench_lite_schedule"),
 )
 DESCRIPTIONS = {
     "last": "`last` (the `lite` preset) exports the last raw weights",
@@ -66,9 +68,11 @@ DESCRIPTIONS = {
     "code-decoder": "`code-decoder` uses the authors' decoder (output stride 2)",
     "femto": "`femto` a wider encoder, convnext_femto (dims 48-384, 6.4 M parameters in all against the lite network's 4.7 M)",
     "pico": "`pico` a wider and deeper encoder, convnext_pico (dims 64-512, 10.5 M parameters in all against the lite network's 4.7 M)",
-    "linear": "`linear` lowers the learning rate from 1e-3 to zero over the budget "
-    "(`lr_schedule=\"linear\"`) instead of halving it at 50 % and 80 % of it",
-    "cosine": "`cosine` lowers it to zero along a half cosine (`lr_schedule=\"cosine\"`)",
+    "steps": "`steps` halves the learning rate at 50 % and 80 % of the budget "
+    '(`lr_schedule="step"`, `lr_milestones=(0.5, 0.8)`: the `lite` preset before)',
+    "linear": "`linear` lowers it from 1e-3 to zero over the budget "
+    '(`lr_schedule="linear"`, the `lite` preset now)',
+    "cosine": '`cosine` lowers it to zero along a half cosine (`lr_schedule="cosine"`)',
     "float32": "`float32` trains without autocast",
     "bf16": "`bf16` runs the forward pass under bf16 autocast and the loss in float32 "
     "(what `train` does)",

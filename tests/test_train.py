@@ -44,8 +44,10 @@ def test_presets_follow_the_paper_and_the_cpu_budget():
         0.5,
     )
     assert paper.pretrained and paper.minutes is None
+    assert paper.lr_schedule == "step"
     lite = train.preset("lite")
     assert lite.backbone == "convnext_atto" and lite.minutes is not None
+    assert lite.lr_schedule == "linear"  # a short run should end with settled weights
     assert train.preset("lite", stream="hover").stream == "hover"
     assert train.preset("fast").pretrained is False
 
@@ -128,7 +130,9 @@ def test_loss_of_a_bf16_forward_pass_is_computed_in_float32(stream):
 
 
 def test_learning_rate_schedule_warms_up_and_halves():
-    config = fast(lr=1e-3, warmup_steps=10, lr_milestones=(0.25, 0.5), lr_gamma=0.5)
+    config = fast(
+        lr=1e-3, warmup_steps=10, lr_schedule="step", lr_milestones=(0.25, 0.5), lr_gamma=0.5
+    )
     assert train._learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
     assert train._learning_rate(config, 20, 0.1) == pytest.approx(1e-3)
     assert train._learning_rate(config, 20, 0.3) == pytest.approx(5e-4)
@@ -239,7 +243,7 @@ def test_time_budget_stops_and_can_be_resumed(tiny_data, tmp_path):
 
 def test_session_minutes_stop_a_probe_that_resume_continues_under_a_new_budget(tiny_data, tmp_path):
     out = tmp_path / "probe.pt"
-    config = fast(epochs=1000, minutes=10.0)
+    config = fast(epochs=1000, minutes=10.0, lr_schedule="step")
     _, probe = train.train_stream(tiny_data, config, out=out, session_minutes=1e-4, progress=False)
     assert probe.stopped_early and probe.steps == 1  # the first step is past the session's time
     assert probe.lr[0] == config.lr  # far from the schedule's first milestone
