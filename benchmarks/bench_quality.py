@@ -42,6 +42,8 @@ SYNTHETIC = 24
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cellseg_lite import unet
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--minutes",
@@ -64,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--test-synthetic", type=int, default=10, help="held-out per class")
     parser.add_argument("--routing", default="paper", choices=("paper", "code", "validated"))
+    parser.add_argument(
+        "--decoder",
+        default=unet.DEFAULT_DECODER,
+        choices=unet.DECODERS,
+        help="U-Net decoder of both streams (another than the default writes its own section)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=args.work / "stages",
         seed=args.seed,
         pretrained=args.pretrained,
+        changes={"decoder": args.decoder},
         progress=False,
         log=lambda message: print(message, flush=True),
     )
@@ -182,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         (" --pretrained" if args.pretrained else "")
         + ("" if default_data else f" --synthetic {args.synthetic}")
         + ("" if args.seed == 0 else f" --seed {args.seed}")
+        + ("" if args.decoder == unet.DEFAULT_DECODER else f" --decoder {args.decoder}")
     )
+    if args.decoder != unet.DEFAULT_DECODER:
+        more += f", the authors' decoder (`decoder={args.decoder!r}`: output stride 2)"
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training{more}
 
 **Training data**: the 156 real-mini TRAIN images and {4 * args.synthetic} synthetic images
@@ -231,7 +243,10 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
     print(section)
     if not args.no_write:
         key = f"bench_quality_{args.routing}"
-        write_section(key if default_data else f"{key}_synthetic{args.synthetic}", section)
+        key = key if default_data else f"{key}_synthetic{args.synthetic}"
+        if args.decoder != unet.DEFAULT_DECODER:
+            key += f"_{args.decoder}_decoder"
+        write_section(key, section)
     return 0
 
 
