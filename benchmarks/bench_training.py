@@ -1,11 +1,14 @@
-"""Training throughput of one optimisation step: float32 against bf16 autocast + channels-last.
+"""Training throughput of one optimisation step: float32 against bf16 autocast + channels-last,
+and AdamW's default update against its fused one.
 
 One AdamW step (forward, loss, backward, update) of a stream network on a batch of random
 patches with random targets, timed as the median of ``--repeats`` steps after two warm-up steps,
 for each precision and memory layout. On a CPU with native bfloat16 (AVX512-BF16/AMX) the `lite`
 preset turns on bf16 autocast with channels-last memory (`train.cpu_has_bf16`); this measures
 why, and on a CPU without it (where oneDNN converts to float32 and back) why not: the two
-kinds of CPU write separate sections. On a CUDA GPU it measures the `paper` preset's network.
+kinds of CPU write separate sections. Each setting is timed with PyTorch's default AdamW (one
+loop over the parameters, a dozen passes over memory) and with the fused one that `train` uses
+where it exists (`train._adamw`). On a CUDA GPU it measures the `paper` preset's network.
 
     .venv/bin/python benchmarks/bench_training.py                    # lite StarDist, CPU
     .venv/bin/python benchmarks/bench_training.py --preset paper --device cuda --batch 16 --patch 512
@@ -25,14 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine, now, write_section  # noqa: E402
 
 
-def step_seconds(config, device, *, amp: bool, channels_last: bool, batch: int, repeats: int):
+def step_seconds(
+    config, device, *, amp: bool, channels_last: bool, fused: bool, batch: int, repeats: int
+):
     from cellseg_lite import train
 
     torch.manual_seed(0)
     model = train.build_model(config, pretrained=False).to(device)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = train._adamw(model, config.replace(lr=1e-4), fused=fused)
     p = config.patch_size
     x = torch.rand(batch, 3, p, p, device=device).contiguous(memory_format=memory)
     if config.stream == "stardist":
@@ -81,19 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     config = train.preset(args.preset, stream=args.stream, patch_size=args.patch)
     rows = []
-    for amp, channels_last in ((False, False), (False, True), (True, False), (True, True)):
+    settings = [
+        (amp, channels_last, fused)
+        for amp, channels_last in ((False, False), (False, True), (True, False), (True, True))
+        for fused in (False, True)
+    ]
+    for amp, channels_last, fused in settings:
         seconds = step_seconds(
-            config, device, amp=amp, channels_last=channels_last, batch=args.batch,
+            config, device, amp=amp, channels_last=channels_last, fused=fused, batch=args.batch,
             repeats=args.repeats,
         )  # fmt: skip
-        rows.append((amp, channels_last, seconds))
-        print(f"amp={amp} channels_last={channels_last}: {seconds:.3f} s/step", flush=True)
-    base = rows[0][2]
+        rows.append((amp, channels_last, fused, seconds))
+        print(f"amp={amp} channels_last={channels_last} fused={fused}: {seconds:.3f} s/step")
+    base = rows[0][3]
     dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     lines = [
         f"| {dtype if amp else 'float32'} | {'channels-last' if cl else 'contiguous'} | "
-        f"{s:.3f} | {args.batch / s:.1f} | {base / s:.2f}x |"
-        for amp, cl, s in rows
+        f"{'fused' if fused else 'default'} | {s:.3f} | {args.batch / s:.1f} | {base / s:.2f}x |"
+        for amp, cl, fused, s in rows
     ]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     section = f"""## Training throughput: one step of the `{args.preset}` {args.stream} network ({device_name})
@@ -101,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 {config.backbone}, {config.decoder} decoder, batch {args.batch} of {args.patch} x {args.patch},
 AdamW, median of {args.repeats} steps after 2 warm-up steps, {args.threads} torch threads.
 
-| precision | memory layout | seconds / step | patches / s | speed-up vs float32 |
-|---|---|---|---|---|
+| precision | memory layout | AdamW | seconds / step | patches / s | speed-up vs the first row |
+|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 - Command: `.venv/bin/python benchmarks/bench_training.py --preset {args.preset} --stream {args.stream} --device {args.device} --batch {args.batch} --patch {args.patch}`
@@ -113,7 +123,10 @@ AdamW, median of {args.repeats} steps after 2 warm-up steps, {args.threads} torc
     if not args.no_write:
         # CPUs with and without native bf16 keep separate sections: they answer differently
         native = device.type != "cpu" or train.cpu_has_bf16()
-        write_section(f"bench_training_{device.type}{'' if native else '_no_bf16'}", section)
+        key = f"bench_training_{device.type}{'' if native else '_no_bf16'}"
+        if native and (args.stream, args.patch) == ("hover", 128):  # the lite HoVer step
+            key += "_hover128"
+        write_section(key, section)
     return 0
 
 

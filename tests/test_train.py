@@ -164,6 +164,35 @@ def test_schedule_is_stored_in_the_checkpoint_and_old_ones_read_as_steps():
     assert train.TrainConfig.from_dict(older).lr_schedule == "step"
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
+    config = fast(lr=2e-3, weight_decay=0.05)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(torch.nn.Linear(4, 2))
+    fused = train._adamw(nets[0], config)
+    assert fused.defaults["fused"] is True  # CPU kernels since PyTorch 2.4
+    assert (fused.defaults["lr"], fused.defaults["weight_decay"]) == (2e-3, 0.05)
+
+    plain_adamw = torch.optim.AdamW
+
+    def no_fused_kernel(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return plain_adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    plain = train._adamw(nets[1], config)
+    assert not plain.defaults.get("fused")
+    assert len(plain.param_groups[0]["params"]) == 2  # the parameters were not used up
+
+    for net, optimizer in zip(nets, (fused, plain), strict=True):  # the same update
+        net(torch.ones(3, 4)).square().sum().backward()
+        optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- targets in the data set
 
 
