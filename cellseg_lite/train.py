@@ -60,6 +60,7 @@ __all__ = [
     "cpu_has_bf16",
     "default_preset",
     "evaluate_stream",
+    "fine_tune_config",
     "load_checkpoint",
     "predict_maps",
     "preset",
@@ -98,7 +99,11 @@ class TrainConfig:
     included; the schedule then follows elapsed time). ``ema_decay``: keep an exponential moving
     average of the weights (``torch.optim.swa_utils``, BatchNorm statistics included) with this
     decay per step, and validate, keep and export the average instead of the raw weights (the
-    paper has none: ``None``). ``val_every``: epochs between validations. ``amp``: mixed
+    paper has none: ``None``). ``freeze_batchnorm``: keep the BatchNorm layers of the decoder in
+    eval mode while training (their running statistics stay those of the initial weights; their
+    scale and shift still learn): :func:`train_multistream` sets it for fine-tuning, where the
+    statistics of a few batches of one class broke the model (``benchmarks/bench_finetune.py``).
+    ``val_every``: epochs between validations. ``amp``: mixed
     precision of the forward pass (bf16, or fp16 on GPUs without bf16; the loss is computed in
     float32 either way); ``None`` means on CUDA and on CPUs with native bf16
     (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows ``amp``. ``loss``: the StarDist
@@ -127,6 +132,7 @@ class TrainConfig:
     epochs: int = 800
     minutes: float | None = None
     ema_decay: float | None = None
+    freeze_batchnorm: bool = False
     val_every: int = 10
     amp: bool | None = None
     channels_last: bool | None = None
@@ -209,6 +215,8 @@ def _check_config(c: TrainConfig) -> None:
         and 0 < c.ema_decay < 1
     ):
         raise CellSegError(f"ema_decay: expected a number in (0, 1) or None, got {c.ema_decay!r}")
+    if not isinstance(c.freeze_batchnorm, bool):
+        raise CellSegError(f"freeze_batchnorm: expected True or False, got {c.freeze_batchnorm!r}")
     if not all(isinstance(m, int | float) and 0 < m < 1 for m in c.lr_milestones):
         raise CellSegError(
             f"lr_milestones: expected fractions of the run in (0, 1), got {c.lr_milestones!r}"
@@ -536,6 +544,14 @@ class History:
         history = cls(**{k: v for k, v in data.items() if k in known})
         history.val_f1 = [tuple(v) for v in history.val_f1]
         return history
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers to eval mode: they normalise with, and no longer update, their running
+    statistics (their weights still train)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -997,6 +1013,8 @@ def train_stream(
                 pin_memory=device.type == "cuda",
             )
             net.train()
+            if config.freeze_batchnorm:
+                _freeze_batchnorm(net)
             losses, batch_index, stop = [], skip, False
             for batch in loader:
                 x = batch["image"].to(device, non_blocking=True)
@@ -1184,6 +1202,24 @@ def _sample_categories(samples) -> list[int]:
         low_level_category(io.read_image(s.image_path), io.read_labels(s.label_path))
         for s in samples
     ]
+
+
+def fine_tune_config(
+    base: TrainConfig, stream: str, category: int, n_images: int, minutes: float | None, seed: int
+) -> TrainConfig:
+    """The settings :func:`train_multistream` fine-tunes ``stream`` with on the ``n_images``
+    training images of class ``category``: a third of the learning rate, no warm-up, about 32
+    patches per epoch, and BatchNorm statistics frozen (one class's batches would replace the
+    running statistics of all classes' data; ``benchmarks/bench_finetune.py``)."""
+    return base.replace(
+        stream=stream,
+        minutes=minutes,
+        lr=base.lr / 3,
+        warmup_steps=0,
+        freeze_batchnorm=True,
+        seed=seed + 1 + category,
+        patches_per_image=max(1, 32 // n_images),
+    )
 
 
 def train_multistream(
@@ -1463,14 +1499,7 @@ def train_multistream(
                 tta=uses_tta(pretrained[stream].config),
             )
         path = work_dir / f"{stream}_class{c}.pt"
-        config = base.replace(
-            stream=stream,
-            minutes=share("fine_tune"),
-            lr=base.lr / 3,
-            warmup_steps=0,
-            seed=seed + 1 + c,
-            patches_per_image=max(1, 32 // len(class_samples)),
-        )
+        config = fine_tune_config(base, stream, c, len(class_samples), share("fine_tune"), seed)
         train_stream(
             class_samples,
             config,

@@ -72,6 +72,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"lr_schedule": "onecycle"}, "lr_schedule: expected one of step, linear, cosine"),
         ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
         ({"tta": "yes"}, "tta: expected True, False or None"),
+        ({"freeze_batchnorm": "yes"}, "freeze_batchnorm: expected True or False"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -345,6 +346,35 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tiny_data, tmp_path):
     ):
         if a.is_floating_point() and "running" not in name:
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_fine_tuning_can_freeze_the_batchnorm_statistics(tiny_data, tmp_path):
+    pre = tmp_path / "pre.pt"
+    pretrained, _ = train.train_stream(tiny_data, fast(epochs=1), out=pre, progress=False)
+    before = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    scales = [k[: -len("running_mean")] + "weight" for k in statistics if "mean" in k]
+    assert statistics  # the decoder has BatchNorm layers
+    for frozen in (True, False):
+        config = fast(epochs=1, freeze_batchnorm=frozen)
+        tuned, _ = train.train_stream(tiny_data, config, init=pre, progress=False)
+        after = tuned.state_dict()
+        kept = [torch.equal(before[k], after[k]) for k in statistics]
+        assert all(kept) if frozen else not any(kept)
+        # the layers' scales learn either way
+        assert not all(torch.equal(before[k], after[k]) for k in scales)
+    # the pipeline's per-class fine-tuning freezes them
+    lite = train.preset("lite")
+    config = train.fine_tune_config(lite, "hover", 0, n_images=111, minutes=1.8, seed=1)
+    assert config.freeze_batchnorm and config.stream == "hover" and config.minutes == 1.8
+    assert (config.lr, config.warmup_steps, config.patches_per_image, config.seed) == (
+        lite.lr / 3,
+        0,
+        1,
+        2,
+    )
+    assert train.fine_tune_config(lite, "hover", 3, 8, None, 0).patches_per_image == 4
+    assert not lite.freeze_batchnorm and not train.preset("paper").freeze_batchnorm
 
 
 def test_checkpoint_of_another_backbone_is_refused(tiny_data, tmp_path):
