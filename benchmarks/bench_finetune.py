@@ -42,7 +42,7 @@ def replay(work: Path, seed: int, minutes: float | None, log) -> list[dict]:
     samples = [*real.train, *datasets.find_pairs(work / "synthetic_train")]
     categories = train._sample_categories(samples)
     (samples, categories), (val_samples, val_categories) = train._split_for_selection(
-        samples, categories, 0.12, seed
+        samples, categories, train.VAL_FRACTION, seed
     )
     real_val = {c: [] for c in range(4)}
     for sample in real.val:

@@ -84,7 +84,9 @@ def retune(work: Path, seed: int, real, compare: str):
 
     samples = [*real.train, *datasets.find_pairs(syn_train)]
     categories = train._sample_categories(samples)
-    _, (selection, selection_classes) = train._split_for_selection(samples, categories, 0.12, seed)
+    _, (selection, selection_classes) = train._split_for_selection(
+        samples, categories, train.VAL_FRACTION, seed
+    )
 
     ways = variants(compare)
     flips = sorted({tta for _, tta in ways.values()})

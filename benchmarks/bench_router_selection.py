@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = [*real.train, *datasets.find_pairs(scratch)]
             categories = train._sample_categories(samples)
             (fit, fit_categories), (selection, selection_categories) = train._split_for_selection(
-                samples, categories, 0.12, seed
+                samples, categories, train.VAL_FRACTION, seed
             )
             fit_paths = [s.image_path for s in fit]
             selection_pair = ([s.image_path for s in selection], selection_categories)

@@ -1145,6 +1145,9 @@ BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0
 #: lost 0.10-0.15 F1 on that class's held-out synthetic images against the pre-trained model with
 #: the thresholds of all selection images. A class below it keeps the pre-trained model as it is.
 MIN_SELECTION_IMAGES = 5
+#: The share of each class's labelled images that :func:`train_multistream` holds out for
+#: selection (validation F1, thresholds, keep-or-drop) when no ``val`` is given.
+VAL_FRACTION = 0.12
 #: Under the validated routing, the share of the pre-training budget that each stream trains for
 #: before the selection images choose between them (the winners share the rest).
 VALIDATION_PROBE = 0.2
@@ -1230,7 +1233,7 @@ def train_multistream(
     minutes: float | None = None,
     routing: str | dict = "paper",
     val=None,
-    val_fraction: float = 0.12,
+    val_fraction: float = VAL_FRACTION,
     fine_tune: bool = True,
     min_selection_images: int = MIN_SELECTION_IMAGES,
     pretrained: bool | None = None,
