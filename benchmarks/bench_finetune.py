@@ -33,47 +33,55 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"statistics updated": False, "statistics frozen": True}
 
 
-def replay(work: Path, seed: int, minutes: float | None, log) -> list[dict]:
+def real_val_by_class(real) -> dict[int, list]:
+    """The real-mini VAL images, loaded once as network inputs, by their 4-way class."""
+    from cellseg_lite import categorize, io, train
+
+    by_class = {c: [] for c in range(4)}
+    for sample in real.val:
+        image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
+        by_class[categorize.low_level_category(image, labels)].append(sample)
+    return {c: train._load_val(samples) for c, samples in by_class.items()}
+
+
+def score(model, stream: str, selection: list, val: list, tta: bool) -> tuple[float, float]:
+    """Challenge F1 on the selection images at the thresholds best there, and on ``val`` at those."""
+    from cellseg_lite import train
+
+    f1, thresholds = train.evaluate_stream(
+        model, stream, selection, train._threshold_grid(stream), tta=tta
+    )
+    return f1, train.evaluate_stream(model, stream, val, [thresholds], tta=tta)[0]
+
+
+def replay(work: Path, seed: int, minutes: float | None, real, real_val: dict, log) -> list[dict]:
     """Fine-tune every tunable class of one ``bench_quality`` run both ways; one row per class."""
-    from cellseg_lite import categorize, datasets, io, train
+    from cellseg_lite import datasets, train
 
     stages = work / "stages"
-    real = real_mini(required=True)
     samples = [*real.train, *datasets.find_pairs(work / "synthetic_train")]
     categories = train._sample_categories(samples)
     (samples, categories), (val_samples, val_categories) = train._split_for_selection(
         samples, categories, train.VAL_FRACTION, seed
     )
-    real_val = {c: [] for c in range(4)}
-    for sample in real.val:
-        image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
-        real_val[categorize.low_level_category(image, labels)].append(sample)
     rows = []
     for c in range(4):
         selection = [s for s, k in zip(val_samples, val_categories, strict=True) if k == c]
         class_samples = [s for s, k in zip(samples, categories, strict=True) if k == c]
-        path = stages / f"hover_class{c}.pt"
-        if len(selection) < train.MIN_SELECTION_IMAGES or not path.is_file():
+        tuned_before = sorted(stages.glob(f"*_class{c}.pt"))  # {stream}_class{c}.pt
+        if len(selection) < train.MIN_SELECTION_IMAGES or not tuned_before:
             continue  # the run did not fine-tune this class
-        tuned_before = train.load_checkpoint(path)
-        stream = tuned_before.config.stream
+        stream = tuned_before[0].name.split("_")[0]
+        budget = (
+            train.load_checkpoint(tuned_before[0]).config.minutes if minutes is None else minutes
+        )
         pretrained = train.load_checkpoint(stages / f"{stream}_all.pt")
-        budget = tuned_before.config.minutes if minutes is None else minutes
-        sel, val = train._load_val(selection), train._load_val(real_val[c])
-        tta = train.uses_tta(pretrained.config)
-        grid = train._threshold_grid(stream)
-
-        def score(model, sel=sel, val=val, stream=stream, tta=tta, grid=grid):
-            f1, thresholds = train.evaluate_stream(model, stream, sel, grid, tta=tta)
-            val_f1 = train.evaluate_stream(model, stream, val, [thresholds], tta=tta)[0]
-            return f1, val_f1
-
+        sel, tta = train._load_val(selection), train.uses_tta(pretrained.config)
         row = {
             "run": work.name,
             "class": c,
             "images": (len(class_samples), len(selection), len(real_val[c])),
-            "minutes": budget,
-            "pre-trained": score(pretrained.model),
+            "pre-trained": score(pretrained.model, stream, sel, real_val[c], tta),
         }
         for name, frozen in VARIANTS.items():
             config = train.fine_tune_config(
@@ -90,7 +98,7 @@ def replay(work: Path, seed: int, minutes: float | None, log) -> list[dict]:
                 categories=[c],
                 progress=False,
             )
-            row[name] = score(train.load_checkpoint(out).model)
+            row[name] = score(train.load_checkpoint(out).model, stream, sel, real_val[c], tta)
             log(
                 f"{work.name} class {c} {name}: selection {row[name][0]:.3f}, VAL {row[name][1]:.3f} "
                 f"(pre-trained {row['pre-trained'][0]:.3f}, {row['pre-trained'][1]:.3f}); "
@@ -155,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{work}: no bench_quality stages (run benchmarks/bench_quality.py)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    real = real_mini(required=True)
+    real_val = real_val_by_class(real)
     rows = []
     for work, seed in zip(args.work, args.seeds, strict=True):
-        rows += replay(work, seed, args.minutes, lambda message: print(message, flush=True))
+        rows += replay(
+            work, seed, args.minutes, real, real_val, lambda message: print(message, flush=True)
+        )
     took = (time.perf_counter() - started) / 60
     command = "`.venv/bin/python benchmarks/bench_finetune.py " + " ".join(argv or sys.argv[1:])
     section = f"""## Fine-tuning one class: the decoder's BatchNorm statistics updated or frozen
