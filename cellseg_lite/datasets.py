@@ -235,9 +235,12 @@ def _int_at_least(value, name: str, minimum: int = 1) -> int:
 
 
 def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled sample's normalised image ``(H, W, 3)`` uint8 (:func:`cellseg_lite.io.normalize_image`)
-    and its labels ``(H, W)`` int32; a label image of another size raises a CellSegError."""
-    image = cio.normalize_image(cio.read_image(sample.image_path), source=sample.image_path)
+    """A labelled sample's normalised image ``(H, W, 3)`` uint8 (:func:`cellseg_lite.io.normalize_image`
+    with ``sparse_cells=True``, as the segmenter normalises) and its labels ``(H, W)`` int32; a
+    label image of another size raises a CellSegError."""
+    image = cio.normalize_image(
+        cio.read_image(sample.image_path), source=sample.image_path, sparse_cells=True
+    )
     labels = cio.read_labels(sample.label_path)
     if image.shape[:2] != labels.shape:
         raise CellSegError(
@@ -252,7 +255,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Each image is read with :func:`cellseg_lite.io.read_image` and brought to
     ``(H, W, 3)`` uint8 by :func:`cellseg_lite.io.normalize_image` (the challenge's
-    percentile normalisation); labels come from :func:`cellseg_lite.io.read_labels`.
+    percentile normalisation, ``sparse_cells=True``); labels come from :func:`cellseg_lite.io.read_labels`.
     Item ``i`` is a patch of image ``i % len(samples)``: a dict with
 
     - ``"image"``: float32 tensor ``(3, P, P)`` with values in [0, 1] (the uint8 image

@@ -47,6 +47,7 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
             routing=dict.fromkeys(range(4), stream),
             min_diameter=segmenter.min_diameter,
             upscale=segmenter.upscale,
+            sparse_cells=segmenter.sparse_cells,
         )
         name = "ConvNeXt-StarDist" if stream == "stardist" else "ConvNeXt-HoVer"
         methods[f"{name}, pre-trained, one model"] = single

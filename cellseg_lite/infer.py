@@ -934,8 +934,11 @@ class MultiStreamSegmenter:
     flip-averaged maps are smoother and want their own thresholds. ``min_diameter``/``upscale``:
     an image whose cells a first pass finds narrower than ``min_diameter`` pixels
     (:func:`inscribed_diameter`) is segmented again ``upscale`` times larger and its labels
-    shrunk back (:data:`MIN_DIAMETER`; ``None`` turns this off). :meth:`segment` takes a raw
-    image of any supported kind; :meth:`save`/:meth:`load` keep the whole thing in one file.
+    shrunk back (:data:`MIN_DIAMETER`; ``None`` turns this off). ``sparse_cells``: normalise
+    images with :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells
+    cover under about 1% of the pixels, as the training data are (``False``: the challenge's rule
+    unchanged). :meth:`segment` takes a raw image of any supported kind; :meth:`save`/:meth:`load`
+    keep the whole thing in one file.
     """
 
     def __init__(
@@ -950,6 +953,7 @@ class MultiStreamSegmenter:
         tta: bool | None = None,
         min_diameter: float | None = MIN_DIAMETER,
         upscale: float = UPSCALE,
+        sparse_cells: bool = True,
         device=None,
     ):
         from cellseg_lite.router import Router
@@ -993,6 +997,9 @@ class MultiStreamSegmenter:
             raise CellSegError(f"upscale: expected a number > 1, got {upscale!r}")
         self.min_diameter = None if min_diameter is None else float(min_diameter)
         self.upscale = float(upscale)
+        if not isinstance(sparse_cells, bool | np.bool_):
+            raise CellSegError(f"sparse_cells: expected True or False, got {sparse_cells!r}")
+        self.sparse_cells = bool(sparse_cells)
         if device is not None:
             self.to(device)
 
@@ -1040,7 +1047,8 @@ class MultiStreamSegmenter:
         """Instance labels ``(H, W)`` int32 of a raw image: ``(H, W)`` or ``(H, W, C)`` of any
         dtype, as :func:`cellseg_lite.io.read_image` returns it, or a path to one.
 
-        The image is normalised the challenge's way (:func:`cellseg_lite.io.normalize_image`),
+        The image is normalised the challenge's way, mended for sparse cells unless the
+        segmenter's ``sparse_cells`` is False (:func:`cellseg_lite.io.normalize_image`),
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
         :func:`stardist_instances_tiled` in bounded memory. Images of cells narrower than
@@ -1062,7 +1070,8 @@ class MultiStreamSegmenter:
         model = self.models[category]
         if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
             model = next(m for c, m in self.models.items() if m.stream == "stardist")
-        x = io.normalize_image(image, source=source).astype(np.float32) / 255.0
+        x = io.normalize_image(image, source=source, sparse_cells=self.sparse_cells)
+        x = x.astype(np.float32) / 255.0
         if scale is not None:
             if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
                 raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
@@ -1165,6 +1174,7 @@ class MultiStreamSegmenter:
             "tta": self.tta,
             "min_diameter": self.min_diameter,
             "upscale": self.upscale,
+            "sparse_cells": self.sparse_cells,
             "router": router.checkpoint_dict(self.router),
             "models": [
                 {
@@ -1225,6 +1235,7 @@ class MultiStreamSegmenter:
             tta=checkpoint.get("tta"),
             min_diameter=checkpoint.get("min_diameter", MIN_DIAMETER),
             upscale=checkpoint.get("upscale", UPSCALE),
+            sparse_cells=checkpoint.get("sparse_cells", True),
             device=device,
         )
         segmenter.routing_name = str(name)  # e.g. "validated": a table chosen on validation images

@@ -35,10 +35,11 @@ __all__ = [
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
-    """Any supported image as ``(H, W, 3)`` uint8 for display, with the challenge's normalisation."""
+    """Any supported image as ``(H, W, 3)`` uint8 for display, normalised as the networks see it
+    (the challenge's rule with ``sparse_cells=True``: a few cells on a dark slide stay visible)."""
     from cellseg_lite.io import normalize_image
 
-    return normalize_image(as_image(image))
+    return normalize_image(as_image(image), sparse_cells=True)
 
 
 def label_colors(n: int, *, seed: int = 0) -> np.ndarray:

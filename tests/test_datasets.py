@@ -233,6 +233,18 @@ def test_patch_dataset_relabels_sequentially_keeping_cells_apart(layout):
         assert len(np.unique(inside[original == old])) == 1
 
 
+def test_training_images_get_the_segmenters_normalisation(tmp_path):
+    # a sparse image (one bright disc on 0.3% of the pixels): the rule that differs
+    image = np.random.default_rng(0).integers(10, 16, (64, 64)).astype(np.uint16)
+    image[30:33, 20:24] = 900
+    write_image(tmp_path / "images" / "sparse.tif", image)
+    write_labels(tmp_path / "labels" / "sparse_label.tiff", (image > 100).astype(np.int32))
+    loaded, labels = ds.load_sample(ds.find_pairs(tmp_path)[0])
+    assert labels.sum() == 12
+    np.testing.assert_array_equal(loaded, normalize_image(image, sparse_cells=True))
+    assert not np.array_equal(loaded, normalize_image(image))
+
+
 def test_patch_dataset_pads_small_images(tmp_path):
     root = make_layout(tmp_path, {"small.png": "small_label.tiff"}, shape=(20, 30))
     item = ds.PatchDataset(ds.find_pairs(root), 32)[0]

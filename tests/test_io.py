@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from skimage.exposure import rescale_intensity
 
 from cellseg_lite import CellSegError, io
 
@@ -574,6 +575,50 @@ def test_normalize_float_rows_in_blocks(rng, monkeypatch):
     monkeypatch.setattr(io, "_CHUNK_PIXELS", 50)  # forces blocks of 2 rows
     np.testing.assert_array_equal(io.normalize_image(image), whole)
     np.testing.assert_array_equal(whole, reference_normalize(image))
+
+
+def _sparse_image(cell_value: int = 100) -> np.ndarray:
+    """Background noise 10..15 and one disc of ``cell_value`` on 0.17% of the pixels."""
+    image = np.random.default_rng(0).integers(10, 16, (256, 256)).astype(np.uint16)
+    yy, xx = np.mgrid[:256, :256]
+    image[(yy - 100) ** 2 + (xx - 80) ** 2 <= 36] = cell_value
+    return image
+
+
+def test_sparse_cells_rescue_a_cell_from_stretched_background_noise():
+    image = _sparse_image()
+    cell = image == 100
+    challenge = io.normalize_image(image)[..., 0]
+    sparse = io.normalize_image(image, sparse_cells=True)[..., 0]
+    # the baseline: the 99th percentile is background, its noise spans 0..255 like the cell
+    assert (challenge[~cell] == 255).mean() > 0.1
+    # mended: the cell saturates, the background stays dark
+    assert (sparse[cell] == 255).all() and sparse[~cell].max() < 128
+    low, tail = np.percentile(image[image != 0], [1, io.SPARSE_TAIL_PERCENTILE])
+    high = low + (tail - low) / io.SPARSE_TAIL_RATIO
+    expected = rescale_intensity(image, in_range=(low, high), out_range="uint8")
+    np.testing.assert_array_equal(sparse, expected)
+    for c in (1, 2):
+        np.testing.assert_array_equal(io.normalize_image(image, sparse_cells=True)[..., c], sparse)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_sparse_cells_leave_other_images_as_the_baseline_has_them(rng, dtype):
+    image = random_image(rng, (48, 40, 3), dtype)
+    image[rng.random((48, 40, 3)) < 0.3] = 0
+    np.testing.assert_array_equal(
+        io.normalize_image(image, sparse_cells=True), io.normalize_image(image)
+    )
+
+
+@pytest.mark.parametrize("bright, changed", [(110, False), (170, True)])
+def test_sparse_cells_depart_from_the_baseline_past_the_tail_ratio(bright, changed):
+    # background 10..50 (p1 about 10, p99 about 50); 0.5% of the pixels at ``bright``, so the
+    # 99.9th percentile lies 2.5 (110) or 4 (170) times as far from p1 as the 99th
+    image = np.random.default_rng(1).integers(10, 51, (100, 100)).astype(np.uint8)
+    image.flat[::200] = bright
+    same = np.array_equal(io.normalize_image(image, sparse_cells=True), io.normalize_image(image))
+    assert same is not changed
 
 
 def test_normalize_errors():

@@ -91,6 +91,23 @@ def test_segment_reads_a_path_and_takes_a_class(segmenter, tmp_path):
         segmenter.segment(np.zeros((2, 3, 4, 5)))
 
 
+def test_segment_normalises_as_the_training_data(segmenter, monkeypatch):
+    from cellseg_lite import io
+
+    image = np.random.default_rng(0).integers(10, 16, (64, 64)).astype(np.uint16)
+    image[30:33, 20:24] = 900  # sparse: the baseline's rule would stretch the noise
+    seen = []
+    monkeypatch.setattr(segmenter, "min_diameter", None)
+    monkeypatch.setattr(segmenter, "_segment", lambda model, x, progress: seen.append(x) or 0)
+    segmenter.segment(image, category=0)
+    expected = io.normalize_image(image, sparse_cells=True).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(seen[0], expected)
+    monkeypatch.setattr(segmenter, "sparse_cells", False)  # the challenge's rule, as it is
+    segmenter.segment(image, category=0)
+    np.testing.assert_array_equal(seen[1], io.normalize_image(image).astype(np.float32) / 255.0)
+    assert not np.array_equal(seen[0], seen[1])
+
+
 def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch):
     monkeypatch.setattr(segmenter, "min_diameter", None)  # one pass at the image's own scale
     image, _ = synthetic.make_image(0, size=(160, 224), seed=1)
@@ -302,7 +319,7 @@ def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch
     assert seen == [(60, 90, 3)]
 
 
-def test_the_upscaling_rule_is_saved_and_checked(streams, tmp_path):
+def test_the_upscaling_and_normalisation_rules_are_saved_and_checked(streams, tmp_path):
     star, hv = streams
     models = {0: star, 1: hv, 2: star, 3: star}
     segmenter = infer.MultiStreamSegmenter(router.Router(), models)
@@ -317,6 +334,13 @@ def test_the_upscaling_rule_is_saved_and_checked(streams, tmp_path):
     for bad in (1, 0.5, False, None):
         with pytest.raises(CellSegError, match="upscale: expected a number > 1"):
             infer.MultiStreamSegmenter(router.Router(), models, upscale=bad)
+    assert segmenter.sparse_cells is True
+    baseline = infer.MultiStreamSegmenter(router.Router(), models, sparse_cells=False)
+    baseline.save(tmp_path / "baseline.pt")
+    assert infer.MultiStreamSegmenter.load(tmp_path / "baseline.pt").sparse_cells is False
+    for bad in (1, "yes", None):
+        with pytest.raises(CellSegError, match="sparse_cells: expected True or False"):
+            infer.MultiStreamSegmenter(router.Router(), models, sparse_cells=bad)
 
 
 def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
@@ -324,12 +348,16 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
 
     star, hv = streams
     segmenter = infer.MultiStreamSegmenter(
-        router.Router(), {0: star, 1: hv, 2: star, 3: star}, min_diameter=9.0, upscale=1.5
+        router.Router(),
+        {0: star, 1: hv, 2: star, 3: star},
+        min_diameter=9.0,
+        upscale=1.5,
+        sparse_cells=False,
     )
     methods = demo.ablation_segmenters(segmenter, {"stardist": star, "hover": hv})
     assert list(methods)[-1] == "multi-stream (routed, fine-tuned)"
     for method in methods.values():
-        assert (method.min_diameter, method.upscale) == (9.0, 1.5)
+        assert (method.min_diameter, method.upscale, method.sparse_cells) == (9.0, 1.5, False)
         assert method.router is segmenter.router
 
 

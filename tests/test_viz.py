@@ -35,6 +35,16 @@ def test_overlay_shape_dtype_and_background(image_and_labels):
     np.testing.assert_array_equal(out[background], shown[background])
 
 
+def test_display_shows_what_the_networks_see():
+    from cellseg_lite import io
+
+    sparse = np.random.default_rng(0).integers(10, 16, (64, 64)).astype(np.uint16)
+    sparse[30:33, 20:24] = 900  # one small bright cell: the rules differ here
+    np.testing.assert_array_equal(
+        viz.display_image(sparse), io.normalize_image(sparse, sparse_cells=True)
+    )
+
+
 def test_overlay_colours_each_instance_differently(image_and_labels):
     image, labels = image_and_labels
     out = viz.overlay(image, labels, alpha=1.0, contours=False)
