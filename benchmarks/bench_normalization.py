@@ -59,7 +59,8 @@ def tail_ratio(image: np.ndarray) -> float:
 
 def survey(sets: dict) -> list[dict]:
     """One row per image: set, stem, cell share, tail ratio, whether the mended rule changes it,
-    and the share of background pixels at or above 128 under each rule."""
+    and the share of background pixels at or above 128 under each rule; a changed image's row
+    keeps its raw image and labels for the segmenters."""
     from cellseg_lite import io
 
     rows = []
@@ -69,15 +70,17 @@ def survey(sets: dict) -> list[dict]:
             challenge = io.normalize_image(image)
             mended = io.normalize_image(image, sparse_cells=True)
             background = labels == 0
+            changed = not np.array_equal(challenge, mended)
             rows.append(
                 {
                     "set": set_name,
                     "sample": sample,
                     "cells": float((labels > 0).mean()),
                     "ratio": tail_ratio(image),
-                    "changed": not np.array_equal(challenge, mended),
+                    "changed": changed,
                     "bright challenge": float((challenge.max(-1)[background] >= 128).mean()),
                     "bright mended": float((mended.max(-1)[background] >= 128).mean()),
+                    "raw": (image, labels) if changed else None,
                 }
             )
     return rows
@@ -147,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     image_lines = [header, "|---|---|---|---|---|" + "---|" * len(args.work)]
     gains = {w: {} for w in args.work}
     for r in changed:
-        sample = r["sample"]
-        image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
+        sample, (image, labels) = r["sample"], r["raw"]
         cells = []
         for work, (challenge, mended) in segmenters.items():
             found = [challenge.segment(image), mended.segment(image)]
