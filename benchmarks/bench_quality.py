@@ -179,16 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         f"| {s.name} | {s.seconds / 60:.1f} | {s.val_f1:.3f} | {'yes' if s.kept else 'no'} | {s.detail} |"
         for s in stages
     )
-    race = ""
+    routing_note = ""
     if args.routing == "validated":
-        race = (
+        routing_note = (
             "\n\nValidated routing is a race: both streams pre-train for a probe "
             f"({train.VALIDATION_PROBE:.0%} of the pre-training budget each), the selection images "
             "of each class choose between them, and only the winners continue their runs. A stream "
             "that won no class appears in the single-stream rows below with its probe's weights."
         )
     if args.routing == "hover":
-        race = (
+        routing_note = (
             "\n\nHoVer routing sends every class to the HoVer stream: no StarDist network is trained, "
             "and the whole pre-training budget goes to one HoVer run. The router and the per-class "
             "fine-tuning stay: each class whose fine-tuned model beats the pre-trained one on its "
@@ -219,7 +219,7 @@ and the keep-or-drop decision of each fine-tuned model; only a class with at lea
 others keep the pre-trained model, their share of the fine-tuning budget goes to pre-training).
 The real-mini VAL split is used for nothing but the scores below. Training took **{train_minutes:.1f} minutes** of wall time in all
 (loop budget {args.minutes:g} minutes, the rest is threshold tuning and the fine-tuning
-comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}{average}).{race}
+comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}{average}).{routing_note}
 
 | stage | minutes | selection score | kept | note |
 |---|---|---|---|---|
