@@ -15,6 +15,9 @@ and tunes the post-processing of each class on its selection images twice. ``--c
 ``--compare tta``: the whole grid on plain maps, and on maps averaged over four flips of every
 tile (:func:`cellseg_lite.infer.flip_averaged`, what ``TrainConfig.tta`` turns on).
 
+``--compare marker`` (on flip-averaged maps): the whole grid, and the grid with marker thresholds
+below its lowest (:data:`LOW_MARKER_THRESHOLDS`, tried wherever the grid tries 0.25).
+
 Both settings then score the real-mini VAL split and the held-out synthetic set. The weights are
 the same in both rows, so the difference is the post-processing alone. Classes routed to
 StarDist keep their stored thresholds and maps.
@@ -22,6 +25,8 @@ StarDist keep their stored thresholds and maps.
     .venv/bin/python benchmarks/bench_quality.py --routing validated   # trains the segmenter
     .venv/bin/python benchmarks/bench_postprocess.py                    # about a minute each
     .venv/bin/python benchmarks/bench_postprocess.py --compare tta      # a minute and a half
+    .venv/bin/python benchmarks/bench_postprocess.py --compare marker --routing hover \
+        --work runs/a runs/b --seed 0 1
     .venv/bin/python benchmarks/bench_postprocess.py --work runs/a runs/b   # several runs
 """
 
@@ -39,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import MODALITIES, machine, now, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+#: Marker thresholds ``--compare marker`` adds below the grid's lowest (0.25): trained segmenters
+#: chose 0.25 for every class, the edge of the grid.
+LOW_MARKER_THRESHOLDS = (0.1, 0.15)
 
 
 def without_floor(grid: list[dict]) -> list[dict]:
@@ -61,6 +69,14 @@ def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
     grid = train._threshold_grid("hover")
     if compare == "tta":
         return {"plain maps": (grid, False), "flip-averaged maps": (grid, True)}
+    if compare == "marker":
+        lower = [
+            {**t, "marker_threshold": m}
+            for t in grid
+            if t["marker_threshold"] == min(c["marker_threshold"] for c in grid)
+            for m in LOW_MARKER_THRESHOLDS
+        ]
+        return {"markers from 0.25": (grid, True), "markers from 0.1": (grid + lower, True)}
     return {"without the size floor": (without_floor(grid), False),
             "with the tuned size floor": (grid, False)}  # fmt: skip
 
@@ -94,7 +110,8 @@ def retune(work: Path, seed: int, real, compare: str):
 
     def hover_maps(image, category, tta):
         model = segmenter.models[category]
-        x = io.normalize_image(image).astype(np.float32) / 255.0
+        x = io.normalize_image(image, sparse_cells=segmenter.sparse_cells)
+        x = x.astype(np.float32) / 255.0
         tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
         started = time.perf_counter()
         maps = infer.hover_maps(
@@ -162,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compare",
-        choices=("floor", "tta"),
+        choices=("floor", "tta", "marker"),
         default="floor",
         help="floor: the grid without and with the tuned size floor; tta: plain against "
-        "flip-averaged maps",
+        "flip-averaged maps; marker: the grid without and with marker thresholds below 0.25",
+    )
+    parser.add_argument(
+        "--routing",
+        default="validated",
+        help="the --routing the bench_quality runs had (for the section's text)",
     )
     parser.add_argument(
         "--seed",
@@ -241,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = " ".join(shown(w) for w in args.work)
     if seeds != [0] * len(seeds):
         commands += " --seed " + " ".join(map(str, seeds))
-    if args.compare == "tta":
+    if args.compare == "marker":
+        title = "HoVer's marker threshold below 0.25"
+        how = f"""over the whole `train._threshold_grid("hover")` (marker thresholds 0.25 and 0.5),
+and over the same grid with marker thresholds {", ".join(map(str, LOW_MARKER_THRESHOLDS))} added
+wherever it tries 0.25, both on maps averaged over four flips (what the segmenters use)"""
+    elif args.compare == "tta":
         title = "HoVer's maps averaged over four flips (test-time augmentation)"
         how = """on plain maps and on maps averaged over the four flips of every tile
 (`infer.flip_averaged`: horizontal offsets negated under a left-right flip, vertical ones under
@@ -251,10 +278,12 @@ an up-down flip), both over the whole `train._threshold_grid("hover")`"""
         how = """over probability and marker threshold only (the `"scaled"` preset's floors:
 markers 2 %, foreground components 1 % of the typical cell area), and over the whole
 `train._threshold_grid("hover")`, which also tries floors of 5/5 % and 10/10 %"""
-    flag = " --compare tta" if args.compare == "tta" else ""
+    flag = "" if args.compare == "floor" else f" --compare {args.compare}"
+    if args.routing != "validated":
+        flag += f" --routing {args.routing}"
     section = f"""## Post-processing: {title}, on trained segmenters
 
-Segmenters written by `bench_quality.py --routing validated` runs, each one's HoVer thresholds
+Segmenters written by `bench_quality.py --routing {args.routing}` runs, each one's HoVer thresholds
 tuned per class on that run's selection split twice: {how}. Same weights in both rows of a
 segmenter: the difference is the post-processing. The class of each scored image comes from the
 router, as in the segmenter. {args.note}
@@ -277,14 +306,15 @@ Time to predict the HoVer maps of the selection and scored images (2 torch threa
 {"; ".join(time_lines)}.
 
 - Command: `.venv/bin/python benchmarks/bench_postprocess.py{flag} --work {commands}`, each folder
-  from `.venv/bin/python benchmarks/bench_quality.py --minutes 27 --routing validated --work FOLDER`
+  from `.venv/bin/python benchmarks/bench_quality.py --minutes 27 --routing {args.routing} --work FOLDER`
   (with `--seed` where one is given)
 - Machine: {machine("torch", "timm", "stardist")}
 - Date: {now()}
 """
     print(section)
     if not args.no_write:
-        write_section("bench_postprocess" + ("_tta" if args.compare == "tta" else ""), section)
+        suffix = "" if args.compare == "floor" else f"_{args.compare}"
+        write_section("bench_postprocess" + suffix, section)
     return 0
 
 
