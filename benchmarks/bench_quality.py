@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work / "model.pt",
         preset_name="lite",
         minutes=args.minutes,
-        routing={c: "hover" for c in range(4)} if args.routing == "hover" else args.routing,
+        routing=args.routing,
         work_dir=args.work / "stages",
         seed=args.seed,
         pretrained=args.pretrained,

@@ -209,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=float, default=None, help="total training time budget")
     tr.add_argument(
         "--routing",
-        choices=("paper", "code", "validated"),
+        choices=("paper", "code", "hover", "validated"),
         default="paper",
-        help="which stream serves each class: the paper's text, the authors' code, or the better "
-        "stream on each class's validation images (both pre-train a probe, the winners go on)",
+        help="which stream serves each class: the paper's text, the authors' code, HoVer for "
+        "every class (the better choice for short CPU runs), or the better stream on each "
+        "class's validation images (both pre-train a probe, the winners go on)",
     )
     tr.add_argument("--val", type=Path, default=None, help="validation folder (default: held out)")
     tr.add_argument(

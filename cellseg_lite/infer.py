@@ -809,10 +809,14 @@ def stardist_instances_tiled(
 #: Which stream segments each low-level class. ``"paper"``: the paper's text, StarDist for classes
 #: 0, 2 and 3 and HoVer for class 1 (gray). ``"code"``: the authors' released code (they call the
 #: README wording a typo), StarDist for classes 0, 1 and 2 and HoVer for class 3 (colour, small
-#: cells), and StarDist for any image taller than :data:`CODE_TALL_IMAGE` pixels.
+#: cells), and StarDist for any image taller than :data:`CODE_TALL_IMAGE` pixels. ``"hover"``:
+#: HoVer for every class, this project's choice for short CPU runs: in every recorded 27-minute
+#: CPU run of the validated routing HoVer won all four classes, and sending them all to it gives
+#: its pre-training the StarDist probe's time (``benchmarks/RESULTS.md``, ``bench_quality_hover``).
 ROUTINGS: dict[str, dict[int, str]] = {
     "paper": {0: "stardist", 1: "hover", 2: "stardist", 3: "stardist"},
     "code": {0: "stardist", 1: "stardist", 2: "stardist", 3: "hover"},
+    "hover": {0: "hover", 1: "hover", 2: "hover", 3: "hover"},
 }
 #: The authors' code sends every image taller than this to StarDist, whatever its class.
 CODE_TALL_IMAGE = 4000

@@ -1257,9 +1257,10 @@ def train_multistream(
     ``data``: a folder, a list of folders or a list of :class:`~cellseg_lite.datasets.Sample`.
     ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
     held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
-    (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"`` or ``"code"``
-    (:data:`cellseg_lite.infer.ROUTINGS`). ``pretrained`` overrides the preset's ImageNet
-    encoder weights; ``changes`` any other setting of the preset (``{"epochs": 6, "lr": 2e-3}``).
+    (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"``, ``"code"`` or
+    ``"hover"`` (:data:`cellseg_lite.infer.ROUTINGS`), ``"validated"`` or a table
+    ``{class: stream}``. ``pretrained`` overrides the preset's ImageNet encoder weights;
+    ``changes`` any other setting of the preset (``{"epochs": 6, "lr": 2e-3}``).
     ``work_dir`` keeps every stage's checkpoint.
     ``log(message)`` receives one line per stage.
     """

@@ -168,10 +168,13 @@ def _finish(ax, title: str | None) -> None:
 
 # --------------------------------------------------------------------------- the pipeline
 
-#: Which stream segments each low-level class: the paper's text, and the authors' released code.
+#: Which stream segments each low-level class: the paper's text, the authors' released code, and
+#: HoVer for every class (the names of :data:`cellseg_lite.infer.ROUTINGS`, which this module does
+#: not import: it would pull in torch).
 ROUTES: dict[str, dict[int, str]] = {
     "paper": {0: "StarDist", 1: "HoVer", 2: "StarDist", 3: "StarDist"},
     "code": {0: "StarDist", 1: "StarDist", 2: "StarDist", 3: "HoVer"},
+    "hover": {0: "HoVer", 1: "HoVer", 2: "HoVer", 3: "HoVer"},
 }
 
 
@@ -179,7 +182,7 @@ def plot_pipeline(*, routing: str = "paper", examples: bool = True, seed: int = 
     """The multi-stream method as a diagram: image -> router -> class -> stream -> labels.
 
     ``routing`` picks the class-to-stream map of :data:`ROUTES` (``"paper"``: HoVer for class 1;
-    ``"code"``: HoVer for class 3). With ``examples``, one synthetic image per class
+    ``"code"``: HoVer for class 3; ``"hover"``: HoVer for all). With ``examples``, one synthetic image per class
     (:func:`cellseg_lite.synthetic.make_image`, ``seed``) stands in each class box and the
     labels box shows its instances. Returns the figure.
     """
@@ -267,6 +270,9 @@ def plot_pipeline(*, routing: str = "paper", examples: bool = True, seed: int = 
         box(x, y, 1.75, 0.8, f"class {c}\n{CATEGORY_NAMES[c]}", "white", size=8)
         arrow(4.4, 2.3, 4.95, y + 0.4)
     streams = {"StarDist": 2.85, "HoVer": 0.65}
+    used = [name for name in streams if name in route.values()]
+    if len(used) == 1:  # one stream serves every class: one box, level with the router
+        streams = {used[0]: 1.7}
     how = {"StarDist": "star polygons, NMS", "HoVer": "HV maps, watershed"}
     for name, y in streams.items():
         classes = ", ".join(str(c) for c in range(4) if route[c] == name)

@@ -108,18 +108,23 @@ def test_predict_reports_wrong_paths_and_models(demo_run, tmp_path, capsys):
     assert "single-stream checkpoint" in capsys.readouterr().err
 
 
-def test_train_command_writes_a_segmenter(tmp_path, capsys):
+@pytest.mark.parametrize("routing", ["code", "hover"])
+def test_train_command_writes_a_segmenter(tmp_path, capsys, routing):
     data = tmp_path / "data"
     synthetic.make_dataset(data, 1, size=(128, 128), seed=5, categories=(0, 1, 3))
     out = tmp_path / "model.pt"
     code = cli.main(
         ["train", "--data", str(data), "--synthetic", "1", "--out", str(out), "--preset", "fast",
-         "--routing", "code", "--quiet", "--work-dir", str(tmp_path / "work")]
+         "--routing", routing, "--quiet", "--work-dir", str(tmp_path / "work")]
     )  # fmt: skip
     assert code == cli.EXIT_OK, capsys.readouterr().err
     segmenter = infer.MultiStreamSegmenter.load(out)
-    assert segmenter.routing_name == "code" and segmenter.stream_for(3) == "hover"
+    assert segmenter.routing_name == routing and segmenter.stream_for(3) == "hover"
     assert train.load_checkpoint(tmp_path / "work" / "hover_all.pt").categories == (0, 1, 2, 3)
+    # the hover routing trains no StarDist network at all
+    trained_stardist = (tmp_path / "work" / "stardist_all.pt").exists()
+    assert trained_stardist == (routing == "code")
+    assert {segmenter.stream_for(c) for c in range(4)} == set(infer.ROUTINGS[routing].values())
 
 
 def test_train_command_errors(tmp_path, capsys):

@@ -37,9 +37,10 @@ def segmenter(streams):
     )
 
 
-def test_routings_follow_the_paper_and_the_code():
+def test_routings_follow_the_paper_the_code_and_the_cpu_choice():
     assert infer.ROUTINGS["paper"] == {0: "stardist", 1: "hover", 2: "stardist", 3: "stardist"}
     assert infer.ROUTINGS["code"] == {0: "stardist", 1: "stardist", 2: "stardist", 3: "hover"}
+    assert infer.ROUTINGS["hover"] == dict.fromkeys(range(4), "hover")
     assert infer.CODE_TALL_IMAGE == 4000
 
 

@@ -98,7 +98,7 @@ def test_gallery_needs_images():
 # --------------------------------------------------------------------------- the pipeline
 
 
-@pytest.mark.parametrize("routing", ["paper", "code"])
+@pytest.mark.parametrize("routing", ["paper", "code", "hover"])
 def test_pipeline_names_the_stream_of_every_class(routing):
     import matplotlib.pyplot as plt
 
@@ -107,6 +107,8 @@ def test_pipeline_names_the_stream_of_every_class(routing):
     hover_classes = [c for c, stream in viz.ROUTES[routing].items() if stream == "HoVer"]
     assert f"ConvNeXt-HoVer\nfine-tuned on class {hover_classes[0]}" in texts
     assert f"({routing} routing)" in texts
+    # a stream that serves no class gets no box
+    assert ("ConvNeXt-StarDist" in texts) == ("StarDist" in viz.ROUTES[routing].values())
     plt.close(fig)
 
 
@@ -116,6 +118,16 @@ def test_pipeline_with_examples_draws_them():
     fig = viz.plot_pipeline()
     assert len(fig.axes) == 1 + 4 + 1  # the diagram, one image per class, the labels
     plt.close(fig)
+
+
+def test_pipeline_routes_are_the_segmenters_routings():
+    from cellseg_lite import infer
+
+    names = {"stardist": "StarDist", "hover": "HoVer"}
+    assert viz.ROUTES == {
+        name: {c: names[stream] for c, stream in table.items()}
+        for name, table in infer.ROUTINGS.items()
+    }
 
 
 def test_pipeline_rejects_unknown_routing():
