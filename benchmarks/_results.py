@@ -101,6 +101,24 @@ def work_option(work: Path, default: Path) -> tuple[Path, str]:
     return shown, "" if work == default.resolve() else f" --work {shown}"
 
 
+def quality_run(work: Path, *folders: str):
+    """The segmenter that ``bench_quality.py`` wrote to ``work``; exits with a message where it, or
+    one of the run's data ``folders`` (``"synthetic_test"``, ...), is missing or unreadable."""
+    from cellseg_lite import infer
+    from cellseg_lite._errors import CellSegError
+
+    model_path = work / "model.pt"
+    if not (model_path.is_file() and all((work / f).is_dir() for f in folders)):
+        raise SystemExit(
+            f"{work}: no trained segmenter with its synthetic data; run "
+            "benchmarks/bench_quality.py first (or pass --work)"
+        )
+    try:
+        return infer.MultiStreamSegmenter.load(model_path)
+    except CellSegError as err:
+        raise SystemExit(str(err)) from err
+
+
 def real_mini(*, required: bool = False) -> RealMini | None:
     """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent,
     or, with ``required``, exit with a message saying where it was looked for."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import MODALITIES, machine, now, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, now, quality_run, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IOU = 0.5
@@ -92,20 +92,11 @@ def padded_segment(segmenter, image: np.ndarray, pad: int) -> np.ndarray:
 
 def evaluate(work: Path, real, pad: int) -> dict:
     """``{(set, group): [per-image score dicts]}`` for one run, plain and (with ``pad``) padded."""
-    from cellseg_lite import datasets, infer, io
-    from cellseg_lite._errors import CellSegError
+    from cellseg_lite import datasets, io
     from cellseg_lite.categorize import low_level_category
 
-    model_path, syn_test = work / "model.pt", work / "synthetic_test"
-    if not (model_path.is_file() and syn_test.is_dir()):
-        raise SystemExit(
-            f"{work}: no trained segmenter with its synthetic data; run "
-            "benchmarks/bench_quality.py first (or pass --work)"
-        )
-    try:
-        segmenter = infer.MultiStreamSegmenter.load(model_path)
-    except CellSegError as err:
-        raise SystemExit(str(err)) from err
+    segmenter = quality_run(work, "synthetic_test")
+    syn_test = work / "synthetic_test"
     sets = {
         "real-mini val": [(s, real.modality[s.stem]) for s in real.val],
         "synthetic held-out": [(s, None) for s in datasets.find_pairs(syn_test)],

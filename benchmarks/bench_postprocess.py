@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import MODALITIES, machine, now, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, now, quality_run, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: Marker thresholds ``--compare marker`` adds below the grid's lowest (0.25): trained segmenters
@@ -84,19 +84,9 @@ def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
 def retune(work: Path, seed: int, real, compare: str):
     """Scores of ``work``'s segmenter tuned both ways: ``(scores, chosen, selection counts)``."""
     from cellseg_lite import datasets, infer, io, metrics, train
-    from cellseg_lite._errors import CellSegError
 
-    model_path = work / "model.pt"
+    segmenter = quality_run(work, "synthetic_train", "synthetic_test")
     syn_train, syn_test = work / "synthetic_train", work / "synthetic_test"
-    if not (model_path.is_file() and syn_train.is_dir() and syn_test.is_dir()):
-        raise SystemExit(
-            f"{work}: no trained segmenter with its synthetic data; run "
-            "benchmarks/bench_quality.py first (or pass --work)"
-        )
-    try:
-        segmenter = infer.MultiStreamSegmenter.load(model_path)
-    except CellSegError as err:
-        raise SystemExit(str(err)) from err
 
     samples = [*real.train, *datasets.find_pairs(syn_train)]
     categories = train._sample_categories(samples)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, mean, now, real_mini, work_option, write_section  # noqa: E402
+from _results import machine, mean, now, quality_run, real_mini, work_option, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BINS = (0.0, 11.0, 12.0, 13.0, 14.0, 16.0, 20.0, 25.0, 30.0)
@@ -79,21 +79,17 @@ def measure(segmenter, pairs, factors_for, log) -> list[dict]:
 def load_run(work: Path):
     """The segmenter that ``bench_quality.py`` wrote to ``work`` and the three sets it is scored
     on: real-mini TRAIN and VAL, and the run's held-out synthetic images."""
-    from cellseg_lite import datasets, infer
+    from cellseg_lite import datasets
 
-    model_path, syn_test = work / "model.pt", work / "synthetic_test"
-    if not (model_path.is_file() and syn_test.is_dir()):
-        raise SystemExit(
-            f"{work}: no trained segmenter with its synthetic data; run "
-            "benchmarks/bench_quality.py first (or pass --work)"
-        )
+    segmenter = quality_run(work, "synthetic_test")
+    syn_test = work / "synthetic_test"
     real = real_mini(required=True)
     sets = {
         "real-mini TRAIN": real.train,
         "real-mini VAL": real.val,
         "synthetic held-out": datasets.find_pairs(syn_test),
     }
-    return infer.MultiStreamSegmenter.load(model_path), sets
+    return segmenter, sets
 
 
 def save_rows(path: Path, rows: dict) -> None:
