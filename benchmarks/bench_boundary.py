@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import MODALITIES, machine, now, quality_run, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, now, quality_run, real_mini, work_option, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IOU = 0.5
@@ -44,17 +44,15 @@ def kept_ids(labels: np.ndarray) -> set[int]:
 
 def overlapping_pairs(truth: np.ndarray, pred: np.ndarray) -> list[tuple[int, int]]:
     """``(true id, predicted id)`` pairs with IoU >= 0.5 on the whole image (one partner each)."""
-    n_true, n_pred = int(truth.max()), int(pred.max())
-    if not (n_true and n_pred):
-        return []
-    counts = np.bincount(
-        (truth.astype(np.int64) * (n_pred + 1) + pred).ravel(),
-        minlength=(n_true + 1) * (n_pred + 1),
-    ).reshape(n_true + 1, n_pred + 1)
-    union = counts.sum(axis=1)[:, None] + counts.sum(axis=0)[None, :] - counts
-    iou = counts[1:, 1:] / np.maximum(union[1:, 1:], 1)
-    rows, cols = np.nonzero(iou >= IOU)
-    return list(zip((rows + 1).tolist(), (cols + 1).tolist(), strict=True))
+    from cellseg_lite import metrics
+
+    # metrics' own pair table, with no frame dropped; it numbers the cells in id order
+    _, _, true_index, pred_index, iou = metrics._pair_table(truth, pred, 0, truth.shape)
+    above = iou >= IOU
+    true_ids, pred_ids = (ids[ids > 0] for ids in (np.unique(truth), np.unique(pred)))
+    return list(
+        zip(true_ids[true_index[above]].tolist(), pred_ids[pred_index[above]].tolist(), strict=True)
+    )
 
 
 def broken_pairs(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {work: evaluate(work, real, args.pad) for work in args.work}
 
     def shown(work: Path) -> str:
-        return str(work.relative_to(REPO) if work.is_relative_to(REPO) else work)
+        return str(work_option(work, REPO / "runs" / "bench_quality")[0])
 
     groups = {"real-mini val": list(MODALITIES), "synthetic held-out": [0, 1, 2, 3]}
     variants = ["plain", "padded"] if args.pad else ["plain"]
