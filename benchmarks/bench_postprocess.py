@@ -70,10 +70,11 @@ def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
     if compare == "tta":
         return {"plain maps": (grid, False), "flip-averaged maps": (grid, True)}
     if compare == "marker":
+        lowest = min(t["marker_threshold"] for t in grid)
         lower = [
             {**t, "marker_threshold": m}
             for t in grid
-            if t["marker_threshold"] == min(c["marker_threshold"] for c in grid)
+            if t["marker_threshold"] == lowest
             for m in LOW_MARKER_THRESHOLDS
         ]
         return {"markers from 0.25": (grid, True), "markers from 0.1": (grid + lower, True)}
