@@ -1138,6 +1138,7 @@ def train_stream(
 #: image (0.67 together, split between the streams by the images their classes hold, at least a
 #: fifth each) and the per-class fine-tuning (a quarter of it per class; a class that is not
 #: fine-tuned, for want of images or with ``fine_tune=False``, hands its quarter to pre-training).
+#: The router's 12 `lite` epochs take a fraction of its share; pre-training gets the rest.
 BUDGET_SHARES = {"router": 0.08, "stardist": 0.52, "hover": 0.15, "fine_tune": 0.25}
 #: The fewest selection images of a class on which :func:`train_multistream` fine-tunes that class
 #: and tunes its own thresholds. On three images both decisions are coin tosses: in
@@ -1256,8 +1257,9 @@ def train_multistream(
     tuned on all validation images; its share of the fine-tuning budget goes to pre-training.
     ``data``: a folder, a list of folders or a list of :class:`~cellseg_lite.datasets.Sample`.
     ``val``: validation images in the same forms; by default ``val_fraction`` of each class is
-    held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`
-    (``None``: each stage runs its preset's epochs). ``routing``: ``"paper"``, ``"code"`` or
+    held out of ``data``. ``minutes``: a total time budget shared as :data:`BUDGET_SHARES`,
+    the router's unused minutes going to pre-training (``None``: each stage runs its preset's
+    epochs). ``routing``: ``"paper"``, ``"code"`` or
     ``"hover"`` (:data:`cellseg_lite.infer.ROUTINGS`), ``"validated"`` or a table
     ``{class: stream}``. ``pretrained`` overrides the preset's ImageNet encoder weights;
     ``changes`` any other setting of the preset (``{"epochs": 6, "lr": 2e-3}``).
@@ -1375,6 +1377,14 @@ def train_multistream(
     accuracy = max(router_history.val_accuracy) if val_pair else float("nan")
     stages.append(Stage("router", time.perf_counter() - started, accuracy, True, "val accuracy"))
     say(f"router: {stages[-1].seconds:.0f} s, validation accuracy {accuracy:.3f}")
+    if minutes is not None:
+        # the router usually converges in a fraction of its share, and pre-training is where
+        # more minutes pay (its validation F1 still rises at the end of a CPU budget): the
+        # streams get what the router left, in proportion to their shares
+        unused = max(share("router") - stages[-1].seconds / 60, 0.0) / minutes
+        for stream in ("stardist", "hover"):
+            shares[stream] += unused * shares[stream] / pretrain_share
+        pretrain_share += unused
 
     # 2. pre-training of each stream that the routing uses, on every image
     pretrained: dict[str, Checkpoint] = {}

@@ -191,7 +191,7 @@ def test_only_classes_with_enough_selection_images_are_fine_tuned(tmp_path):
     synthetic.make_dataset(data, 3, size=(96, 96), seed=4, categories=(0, 1, 3))
     synthetic.make_dataset(rich, 2, size=(96, 96), seed=5, categories=(0,))
     synthetic.make_dataset(poor, 1, size=(96, 96), seed=6, categories=(1, 3))
-    minutes = 0.4
+    minutes = 2.0  # the fast preset's two epochs end every stage before its share
     segmenter, stages = train.train_multistream(
         data, tmp_path / "model.pt", val=[rich, poor], preset_name="fast", minutes=minutes,
         min_selection_images=2, progress=False, work_dir=tmp_path / "stages",
@@ -207,7 +207,13 @@ def test_only_classes_with_enough_selection_images_are_fine_tuned(tmp_path):
     tuned = train.load_checkpoint(work / "stardist_class0.pt")
     assert tuned.config.minutes == pytest.approx(minutes * fine)
     pretraining = train.BUDGET_SHARES["stardist"] + train.BUDGET_SHARES["hover"] + 3 * fine
-    assert sum(ckpt.config.minutes for ckpt in pre.values()) == pytest.approx(minutes * pretraining)
+    # and the minutes that the router left of its share
+    router_share = minutes * train.BUDGET_SHARES["router"]
+    router_minutes = stages[0].seconds / 60
+    assert stages[0].name == "router" and router_minutes < router_share
+    assert sum(ckpt.config.minutes for ckpt in pre.values()) == pytest.approx(
+        minutes * pretraining + router_share - router_minutes
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "5"])
