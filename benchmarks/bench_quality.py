@@ -11,7 +11,7 @@ real-mini, within a total budget, then scores with the challenge F1 (mean of per
 for the multi-stream segmenter, each pre-trained stream alone on every image (the ablation of
 the paper's Table 4), and the classical floor (Otsu + watershed), all measured in the same run.
 
-    .venv/bin/python benchmarks/bench_quality.py      # 27 + ~3 minutes of training, ~40 in all
+    .venv/bin/python benchmarks/bench_quality.py      # 27.6 minutes of training, ~40 in all
     .venv/bin/python benchmarks/bench_quality.py --minutes 5 --no-write   # a quick look
 """
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=27.0,
         help="budget of the training loops; threshold tuning and the fine-tuning comparisons "
-        "come on top (about 3 minutes): the whole training is measured and reported",
+        "come on top (about half a minute at 27): the whole training is measured and reported",
     )
     parser.add_argument(
         "--pretrained",
