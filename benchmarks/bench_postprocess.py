@@ -18,6 +18,10 @@ tile (:func:`cellseg_lite.infer.flip_averaged`, what ``TrainConfig.tta`` turns o
 ``--compare marker`` (on flip-averaged maps): the whole grid, and the grid with marker thresholds
 below its lowest (:data:`LOW_MARKER_THRESHOLDS`, tried wherever the grid tries 0.25).
 
+``--compare dihedral``: the whole grid on the four flips' maps, and on maps averaged over all
+eight symmetries of the square (the four flips of the tile and of its transpose,
+:func:`dihedral_averaged`): twice the forward passes.
+
 Both settings then score the real-mini VAL split and the held-out synthetic set. The weights are
 the same in both rows, so the difference is the post-processing alone. Classes routed to
 StarDist keep their stored thresholds and maps.
@@ -26,6 +30,8 @@ StarDist keep their stored thresholds and maps.
     .venv/bin/python benchmarks/bench_postprocess.py                    # about a minute each
     .venv/bin/python benchmarks/bench_postprocess.py --compare tta      # a minute and a half
     .venv/bin/python benchmarks/bench_postprocess.py --compare marker --routing hover \
+        --work runs/a runs/b --seed 0 1
+    .venv/bin/python benchmarks/bench_postprocess.py --compare dihedral --routing hover \
         --work runs/a runs/b --seed 0 1
     .venv/bin/python benchmarks/bench_postprocess.py --work runs/a runs/b   # several runs
 """
@@ -49,6 +55,25 @@ REPO = Path(__file__).resolve().parents[1]
 LOW_MARKER_THRESHOLDS = (0.1, 0.15)
 
 
+#: The maps each comparison predicts: plain, averaged over four flips, or over eight symmetries.
+MAPS = ("plain", "flip-averaged", "dihedral-averaged")
+
+
+def dihedral_averaged(predict):
+    """A HoVer ``predict`` averaged over the eight symmetries of the square: the four flips of
+    each tile (:func:`cellseg_lite.infer.flip_averaged`) and the four of its transpose, whose
+    maps are transposed back with the horizontal and vertical offsets swapped."""
+    from cellseg_lite import infer
+
+    flips = infer.flip_averaged(predict, "hover")
+
+    def averaged(x: torch.Tensor) -> np.ndarray:
+        turned = flips(x.transpose(2, 3)).transpose(0, 1, 3, 2)[:, [0, 2, 1]]
+        return (flips(x) + turned) / 2
+
+    return averaged
+
+
 def without_floor(grid: list[dict]) -> list[dict]:
     """The candidates of ``grid`` that use the ``"scaled"`` preset's size floor."""
     from cellseg_lite.streams import hover
@@ -62,13 +87,19 @@ def without_floor(grid: list[dict]) -> list[dict]:
     ]
 
 
-def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
-    """The two ways of tuning compared: ``{name: (candidate thresholds, flip-averaged maps)}``."""
+def variants(compare: str) -> dict[str, tuple[list[dict], str]]:
+    """The two ways of tuning compared: ``{name: (candidate thresholds, maps)}``, maps one of
+    :data:`MAPS`."""
     from cellseg_lite import train
 
     grid = train._threshold_grid("hover")
     if compare == "tta":
-        return {"plain maps": (grid, False), "flip-averaged maps": (grid, True)}
+        return {"plain maps": (grid, "plain"), "flip-averaged maps": (grid, "flip-averaged")}
+    if compare == "dihedral":
+        return {
+            "four flips": (grid, "flip-averaged"),
+            "eight symmetries": (grid, "dihedral-averaged"),
+        }
     if compare == "marker":
         lowest = min(t["marker_threshold"] for t in grid)
         lower = [
@@ -77,9 +108,10 @@ def variants(compare: str) -> dict[str, tuple[list[dict], bool]]:
             if t["marker_threshold"] == lowest
             for m in LOW_MARKER_THRESHOLDS
         ]
-        return {"markers from 0.25": (grid, True), "markers from 0.1": (grid + lower, True)}
-    return {"without the size floor": (without_floor(grid), False),
-            "with the tuned size floor": (grid, False)}  # fmt: skip
+        return {"markers from 0.25": (grid, "flip-averaged"),
+                "markers from 0.1": (grid + lower, "flip-averaged")}  # fmt: skip
+    return {"without the size floor": (without_floor(grid), "plain"),
+            "with the tuned size floor": (grid, "plain")}  # fmt: skip
 
 
 def retune(work: Path, seed: int, real, compare: str):
@@ -96,30 +128,38 @@ def retune(work: Path, seed: int, real, compare: str):
     )
 
     ways = variants(compare)
-    flips = sorted({tta for _, tta in ways.values()})
-    seconds = dict.fromkeys(flips, 0.0)  # predicting HoVer maps, plain and flip-averaged
+    kinds = [kind for kind in MAPS if kind in {maps for _, maps in ways.values()}]
+    seconds = dict.fromkeys(kinds, 0.0)  # predicting HoVer maps of each kind
 
-    def hover_maps(image, category, tta):
+    def hover_maps(image, category, kind):
         model = segmenter.models[category]
         x = io.normalize_image(image, sparse_cells=segmenter.sparse_cells)
         x = x.astype(np.float32) / 255.0
         tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
         started = time.perf_counter()
-        maps = infer.hover_maps(
-            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=tta
-        )
-        seconds[tta] += time.perf_counter() - started
+        if kind == "dihedral-averaged":
+            predict = dihedral_averaged(infer.model_predictor(model.model, outputs="hover"))
+            maps = infer.sliding_window(
+                predict, infer._network_input(x), tile, stride, batch_size=segmenter.batch_size
+            )
+            maps = infer.HoverMaps(maps[0], maps[1:])
+        else:
+            maps = infer.hover_maps(
+                model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size,
+                tta=kind == "flip-averaged",
+            )  # fmt: skip
+        seconds[kind] += time.perf_counter() - started
         return maps
 
     def prepared(pairs, routed: bool):
-        """``(stem, class, labels, {tta: maps} or None, image)``; maps where the class goes to
+        """``(stem, class, labels, {kind: maps} or None, image)``; maps where the class goes to
         HoVer."""
         out = []
         for sample, category in pairs:
             image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
             category = segmenter.route(image) if routed else category
             hover = segmenter.models[category].stream == "hover"
-            maps = {tta: hover_maps(image, category, tta) for tta in flips} if hover else None
+            maps = {kind: hover_maps(image, category, kind) for kind in kinds} if hover else None
             out.append((sample.stem, category, labels, maps, image))
         return out
 
@@ -137,14 +177,14 @@ def retune(work: Path, seed: int, real, compare: str):
     }
     chosen: dict[str, dict[int, dict]] = {}
     scores: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
-    for name, (candidates, tta) in ways.items():
+    for name, (candidates, kind) in ways.items():
         chosen[name] = {}
         for c in range(4):
             items = [t for t in tuning if t[1] == c and t[3] is not None]
             if not items:  # StarDist, or no selection images: the stored thresholds
                 chosen[name][c] = segmenter.models[c].thresholds
                 continue
-            means = [np.mean([f1(t[2], t[3][tta], cand) for t in items]) for cand in candidates]
+            means = [np.mean([f1(t[2], t[3][kind], cand) for t in items]) for cand in candidates]
             chosen[name][c] = dict(candidates[int(np.argmax(means))])
         for set_name, items in sets.items():
             rows = []
@@ -152,7 +192,7 @@ def retune(work: Path, seed: int, real, compare: str):
                 if maps is None:
                     score = metrics.f1_score(labels, segmenter.segment(image, category=c))
                 else:
-                    score = f1(labels, maps[tta], chosen[name][c])
+                    score = f1(labels, maps[kind], chosen[name][c])
                 rows.append((stem, c, score))
             scores[name, set_name] = rows
             print(f"{name} on {set_name}: {np.mean([r[2] for r in rows]):.3f}", flush=True)
@@ -170,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compare",
-        choices=("floor", "tta", "marker"),
+        choices=("floor", "tta", "marker", "dihedral"),
         default="floor",
         help="floor: the grid without and with the tuned size floor; tta: plain against "
-        "flip-averaged maps; marker: the grid without and with marker thresholds below 0.25",
+        "flip-averaged maps; marker: the grid without and with marker thresholds below 0.25; "
+        "dihedral: maps averaged over four flips against eight symmetries",
     )
     parser.add_argument(
         "--routing",
@@ -222,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     time_lines = []
     for work, (scores, chosen, counts, seconds) in runs.items():
         time_lines.append(
-            f"`{shown(work)}`: "
-            + ", ".join(
-                f"{'flip-averaged' if k else 'plain'} {v:.0f} s" for k, v in seconds.items()
-            )
+            f"`{shown(work)}`: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         )
         for name in names:
             rows = scores[name, "real-mini val"]
@@ -259,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         how = f"""over the whole `train._threshold_grid("hover")` (marker thresholds 0.25 and 0.5),
 and over the same grid with marker thresholds {", ".join(map(str, LOW_MARKER_THRESHOLDS))} added
 wherever it tries 0.25, both on maps averaged over four flips (what the segmenters use)"""
+    elif args.compare == "dihedral":
+        title = "HoVer's maps averaged over eight symmetries instead of four flips"
+        how = """on maps averaged over the four flips of every tile (`infer.flip_averaged`, what
+the segmenters use) and over all eight symmetries of the square (those four flips of the tile
+and of its transpose, whose maps are transposed back with the two offsets swapped:
+`dihedral_averaged` in the script), both over the whole `train._threshold_grid("hover")`"""
     elif args.compare == "tta":
         title = "HoVer's maps averaged over four flips (test-time augmentation)"
         how = """on plain maps and on maps averaged over the four flips of every tile
