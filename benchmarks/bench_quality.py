@@ -232,7 +232,9 @@ their true labels (`categorize.low_level_category`), and those it sent elsewhere
 
 Every segmenter below except the one-pass row segments an image whose cells a first pass finds
 narrower than {segmenter.min_diameter:g} pixels a second time, {segmenter.upscale:g} times larger
-(`infer.MIN_DIAMETER`, chosen on the TRAIN split by `benchmarks/bench_upscale.py`).
+(`infer.MIN_DIAMETER`, chosen on the TRAIN split by `benchmarks/bench_upscale.py`). Every pass
+sees {segmenter.mirror_context} pixels of mirrored context around the image (`infer.MIRROR_CONTEXT`,
+`benchmarks/bench_boundary.py`).
 
 **Real-mini VAL** (images per modality: {", ".join(f"{m} {counts[m]}" for m in MODALITIES)}),
 challenge F1, mean of per-image F1:

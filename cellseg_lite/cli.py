@@ -113,6 +113,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if not args.min_diameter >= 0:
             raise CellSegError(f"--min-diameter: expected pixels >= 0, got {args.min_diameter}")
         segmenter.min_diameter = args.min_diameter or None
+    if args.mirror_context is not None:
+        if not args.mirror_context >= 0:
+            raise CellSegError(f"--mirror-context: expected pixels >= 0, got {args.mirror_context}")
+        segmenter.mirror_context = args.mirror_context
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for path in files:
@@ -253,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIXELS",
         help="segment an image whose cells a first pass finds narrower than this a second time, "
         "larger (by the model file's factor); 0: never; default: the model file's setting",
+    )
+    pr.add_argument(
+        "--mirror-context",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="pixels of mirrored context around each image, cropped away after; 0: none; "
+        "default: the model file's setting (16)",
     )
     pr.add_argument("--quiet", action="store_true", help="only the summary line")
     pr.set_defaults(func=_cmd_predict)

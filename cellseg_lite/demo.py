@@ -48,6 +48,7 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
             min_diameter=segmenter.min_diameter,
             upscale=segmenter.upscale,
             sparse_cells=segmenter.sparse_cells,
+            mirror_context=segmenter.mirror_context,
         )
         name = "ConvNeXt-StarDist" if stream == "stardist" else "ConvNeXt-HoVer"
         methods[f"{name}, pre-trained, one model"] = single

@@ -83,11 +83,28 @@ def test_predict_sets_the_second_pass_for_small_cells(
     assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
 
 
-def test_predict_refuses_a_negative_min_diameter(demo_run, tmp_path, capsys):
+@pytest.mark.parametrize("pixels, expected", [(None, infer.MIRROR_CONTEXT), ("0", 0), ("8", 8)])
+def test_predict_sets_the_mirrored_context(demo_run, tmp_path, monkeypatch, pixels, expected):
+    seen = []
+    original = infer.MultiStreamSegmenter.segment
+    monkeypatch.setattr(
+        infer.MultiStreamSegmenter,
+        "segment",
+        lambda self, *a, **k: seen.append(self.mirror_context) or original(self, *a, **k),
+    )
+    io.write_image(tmp_path / "cells.png", synthetic.make_image(0, (64, 64), seed=7)[0])
+    args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path), "--quiet"]
+    args += [] if pixels is None else ["--mirror-context", pixels]
+    assert cli.main([*args, str(tmp_path / "cells.png")]) == cli.EXIT_OK
+    assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
+
+
+@pytest.mark.parametrize("option", ["--min-diameter", "--mirror-context"])
+def test_predict_refuses_negative_pixels(demo_run, tmp_path, capsys, option):
     io.write_image(tmp_path / "a.png", synthetic.make_image(0, (64, 64), seed=0)[0])
     args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path / "o")]
-    assert cli.main([*args, "--min-diameter", "-1", str(tmp_path / "a.png")]) == 2
-    assert "--min-diameter: expected pixels >= 0" in capsys.readouterr().err
+    assert cli.main([*args, option, "-1", str(tmp_path / "a.png")]) == 2
+    assert f"{option}: expected pixels >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

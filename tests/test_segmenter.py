@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_lite import CellSegError, infer, router, synthetic, train
+from cellseg_lite import CellSegError, infer, io, router, synthetic, train
 from cellseg_lite.streams.hover import ConvNeXtHover
 from cellseg_lite.streams.stardist import ConvNeXtStarDist
 
@@ -111,6 +111,7 @@ def test_segment_normalises_as_the_training_data(segmenter, monkeypatch):
 
 def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch):
     monkeypatch.setattr(segmenter, "min_diameter", None)  # one pass at the image's own scale
+    monkeypatch.setattr(segmenter, "mirror_context", 0)  # whole slides go without it
     image, _ = synthetic.make_image(0, size=(160, 224), seed=1)
     whole = segmenter.segment(image)
     monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)
@@ -121,6 +122,36 @@ def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch)
     )
     tiled = segmenter.segment(image)
     assert calls and np.array_equal(whole, tiled)
+
+
+def test_images_are_segmented_with_mirrored_context_around_them(segmenter, monkeypatch):
+    assert segmenter.mirror_context == infer.MIRROR_CONTEXT == 16
+    monkeypatch.setattr(segmenter, "min_diameter", None)
+    seen = []
+
+    def segment_once(model, x, progress):  # a cell in the context and one cut by the frame
+        seen.append(x.copy())
+        labels = np.zeros(x.shape[:2], np.int32)
+        labels[:10, :10] = 7
+        labels[10:30, 10:30] = 9
+        return labels
+
+    monkeypatch.setattr(segmenter, "_segment_once", segment_once)
+    image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    labels = segmenter.segment(image, category=0)
+    x = io.normalize_image(image, sparse_cells=True).astype(np.float32) / 255.0
+    assert seen[0].shape == (72, 92, 3)
+    np.testing.assert_array_equal(seen[0][16:-16, 16:-16], x)
+    np.testing.assert_array_equal(seen[0][15, 16:-16], x[1])  # mirrored about the first row
+    assert labels.shape == (40, 60) and np.unique(labels).tolist() == [0, 1]
+    assert (labels == 1).sum() == 14 * 14  # the cell cut by the frame, the context's part gone
+    monkeypatch.setattr(segmenter, "mirror_context", 0)
+    segmenter.segment(image, category=0)
+    assert seen[1].shape == (40, 60, 3)
+    monkeypatch.setattr(segmenter, "mirror_context", 16)
+    monkeypatch.setattr(infer, "TILED_PIXELS", 30 * 30)  # a whole slide goes without
+    segmenter.segment(image, category=0)
+    assert seen[2].shape == (40, 60, 3)
 
 
 def test_save_and_load_as_one_file(segmenter, tmp_path):
@@ -320,7 +351,7 @@ def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch
     assert seen == [(60, 90, 3)]
 
 
-def test_the_upscaling_and_normalisation_rules_are_saved_and_checked(streams, tmp_path):
+def test_the_upscaling_normalisation_and_context_rules_are_saved_and_checked(streams, tmp_path):
     star, hv = streams
     models = {0: star, 1: hv, 2: star, 3: star}
     segmenter = infer.MultiStreamSegmenter(router.Router(), models)
@@ -342,6 +373,12 @@ def test_the_upscaling_and_normalisation_rules_are_saved_and_checked(streams, tm
     for bad in (1, "yes", None):
         with pytest.raises(CellSegError, match="sparse_cells: expected True or False"):
             infer.MultiStreamSegmenter(router.Router(), models, sparse_cells=bad)
+    plain = infer.MultiStreamSegmenter(router.Router(), models, mirror_context=0)
+    plain.save(tmp_path / "plain.pt")
+    assert infer.MultiStreamSegmenter.load(tmp_path / "plain.pt").mirror_context == 0
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(CellSegError, match="mirror_context: expected an integer >= 0"):
+            infer.MultiStreamSegmenter(router.Router(), models, mirror_context=bad)
 
 
 def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
@@ -354,11 +391,13 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
         min_diameter=9.0,
         upscale=1.5,
         sparse_cells=False,
+        mirror_context=5,
     )
     methods = demo.ablation_segmenters(segmenter, {"stardist": star, "hover": hv})
     assert list(methods)[-1] == "multi-stream (routed, fine-tuned)"
     for method in methods.values():
-        assert (method.min_diameter, method.upscale, method.sparse_cells) == (9.0, 1.5, False)
+        rules = (method.min_diameter, method.upscale, method.sparse_cells, method.mirror_context)
+        assert rules == (9.0, 1.5, False, 5)
         assert method.router is segmenter.router
 
 
