@@ -109,13 +109,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     segmenter = infer.MultiStreamSegmenter.load(args.model, device=args.device or "cpu")
     if args.tta is not None:
         segmenter.tta = args.tta
+    for flag, value in (("--min-diameter", args.min_diameter),
+                        ("--mirror-context", args.mirror_context)):  # fmt: skip
+        if value is not None and not value >= 0:
+            raise CellSegError(f"{flag}: expected pixels >= 0, got {value}")
     if args.min_diameter is not None:
-        if not args.min_diameter >= 0:
-            raise CellSegError(f"--min-diameter: expected pixels >= 0, got {args.min_diameter}")
         segmenter.min_diameter = args.min_diameter or None
     if args.mirror_context is not None:
-        if not args.mirror_context >= 0:
-            raise CellSegError(f"--mirror-context: expected pixels >= 0, got {args.mirror_context}")
         segmenter.mirror_context = args.mirror_context
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -64,37 +64,29 @@ def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
 
 
 @pytest.mark.parametrize(
-    "pixels, expected", [(None, infer.MIN_DIAMETER), ("0", None), ("40", 40.0)]
+    "option, attribute, category, pixels, expected",
+    [
+        ("--min-diameter", "min_diameter", 3, None, infer.MIN_DIAMETER),
+        ("--min-diameter", "min_diameter", 3, "0", None),
+        ("--min-diameter", "min_diameter", 3, "40", 40.0),
+        ("--mirror-context", "mirror_context", 0, None, infer.MIRROR_CONTEXT),
+        ("--mirror-context", "mirror_context", 0, "0", 0),
+        ("--mirror-context", "mirror_context", 0, "8", 8),
+    ],
 )
-def test_predict_sets_the_second_pass_for_small_cells(
-    demo_run, tmp_path, monkeypatch, pixels, expected
+def test_predict_sets_the_segmenters_pixel_options(
+    demo_run, tmp_path, monkeypatch, option, attribute, category, pixels, expected
 ):
     seen = []
     original = infer.MultiStreamSegmenter.segment
     monkeypatch.setattr(
         infer.MultiStreamSegmenter,
         "segment",
-        lambda self, *a, **k: seen.append(self.min_diameter) or original(self, *a, **k),
+        lambda self, *a, **k: seen.append(getattr(self, attribute)) or original(self, *a, **k),
     )
-    io.write_image(tmp_path / "cells.png", synthetic.make_image(3, (64, 64), seed=7)[0])
+    io.write_image(tmp_path / "cells.png", synthetic.make_image(category, (64, 64), seed=7)[0])
     args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path), "--quiet"]
-    args += [] if pixels is None else ["--min-diameter", pixels]
-    assert cli.main([*args, str(tmp_path / "cells.png")]) == cli.EXIT_OK
-    assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
-
-
-@pytest.mark.parametrize("pixels, expected", [(None, infer.MIRROR_CONTEXT), ("0", 0), ("8", 8)])
-def test_predict_sets_the_mirrored_context(demo_run, tmp_path, monkeypatch, pixels, expected):
-    seen = []
-    original = infer.MultiStreamSegmenter.segment
-    monkeypatch.setattr(
-        infer.MultiStreamSegmenter,
-        "segment",
-        lambda self, *a, **k: seen.append(self.mirror_context) or original(self, *a, **k),
-    )
-    io.write_image(tmp_path / "cells.png", synthetic.make_image(0, (64, 64), seed=7)[0])
-    args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path), "--quiet"]
-    args += [] if pixels is None else ["--mirror-context", pixels]
+    args += [] if pixels is None else [option, pixels]
     assert cli.main([*args, str(tmp_path / "cells.png")]) == cli.EXIT_OK
     assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
 
