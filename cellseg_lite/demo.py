@@ -47,6 +47,7 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
             routing=dict.fromkeys(range(4), stream),
             min_diameter=segmenter.min_diameter,
             upscale=segmenter.upscale,
+            upscale_classes=segmenter.upscale_classes,
             sparse_cells=segmenter.sparse_cells,
             mirror_context=segmenter.mirror_context,
         )

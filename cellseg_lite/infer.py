@@ -45,6 +45,7 @@ __all__ = [
     "MIN_DIAMETER",
     "TILED_PIXELS",
     "UPSCALE",
+    "UPSCALE_CLASSES",
     "TTA_MAPS",
     "HOVER_TUNED",
     "HoverMaps",
@@ -831,6 +832,11 @@ TILED_PIXELS = 4096 * 4096
 MIN_DIAMETER = 25.0
 #: How much larger :class:`MultiStreamSegmenter` segments an image of small cells again.
 UPSCALE = 1.5
+#: The classes whose images may get that second pass: the two of nuclei (0: fluorescence, 3:
+#: stained). Class 2 holds large cells by the 4-way rule's definition, and the gray whole cells of
+#: class 1 are long and irregular: narrow, not small, so a first pass reads them below
+#: :data:`MIN_DIAMETER` and the enlarged pass cuts them (``benchmarks/bench_upscale.py``).
+UPSCALE_CLASSES = (0, 3)
 #: Pixels of mirrored context that :class:`MultiStreamSegmenter` adds around an image before
 #: segmenting it, cropped away after (the U-Net paper's overlap-tile strategy at the image
 #: border): a cell that the frame cuts then looks whole to the network instead of ending in a
@@ -943,9 +949,10 @@ class MultiStreamSegmenter:
     average the maps over the four flips of each tile (:func:`flip_averaged`); ``None`` (the
     default) does what each model's thresholds were tuned with (their ``"tta"`` entry), since
     flip-averaged maps are smoother and want their own thresholds. ``min_diameter``/``upscale``:
-    an image whose cells a first pass finds narrower than ``min_diameter`` pixels
-    (:func:`inscribed_diameter`) is segmented again ``upscale`` times larger and its labels
-    shrunk back (:data:`MIN_DIAMETER`; ``None`` turns this off). ``sparse_cells``: normalise
+    an image of one of the ``upscale_classes`` (:data:`UPSCALE_CLASSES`) whose cells a first
+    pass finds narrower than ``min_diameter`` pixels (:func:`inscribed_diameter`) is segmented
+    again ``upscale`` times larger and its labels shrunk back (:data:`MIN_DIAMETER`; ``None``
+    turns this off). ``sparse_cells``: normalise
     images with :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells
     cover under about 1% of the pixels, as the training data are (``False``: the challenge's rule
     unchanged). ``mirror_context``: pixels of mirrored context around each image
@@ -967,6 +974,7 @@ class MultiStreamSegmenter:
         tta: bool | None = None,
         min_diameter: float | None = MIN_DIAMETER,
         upscale: float = UPSCALE,
+        upscale_classes=UPSCALE_CLASSES,
         sparse_cells: bool = True,
         mirror_context: int = MIRROR_CONTEXT,
         device=None,
@@ -1012,6 +1020,18 @@ class MultiStreamSegmenter:
             raise CellSegError(f"upscale: expected a number > 1, got {upscale!r}")
         self.min_diameter = None if min_diameter is None else float(min_diameter)
         self.upscale = float(upscale)
+        try:
+            classes = sorted(set(upscale_classes))
+        except TypeError:
+            classes = None
+        if classes is None or not all(
+            isinstance(c, int | np.integer) and not isinstance(c, bool) and 0 <= c <= 3
+            for c in classes
+        ):
+            raise CellSegError(
+                f"upscale_classes: expected a collection of classes 0-3, got {upscale_classes!r}"
+            )
+        self.upscale_classes = tuple(int(c) for c in classes)
         if not isinstance(sparse_cells, bool | np.bool_):
             raise CellSegError(f"sparse_cells: expected True or False, got {sparse_cells!r}")
         self.sparse_cells = bool(sparse_cells)
@@ -1068,7 +1088,8 @@ class MultiStreamSegmenter:
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
         :func:`stardist_instances_tiled` in bounded memory. Images of cells narrower than
-        ``min_diameter`` are segmented a second time, ``upscale`` times larger (see the class);
+        ``min_diameter`` are segmented a second time, ``upscale`` times larger, if their class
+        is one of ``upscale_classes`` (see the class);
         ``scale`` instead makes one pass at that scale whatever the cells' size.
         """
         from cellseg_lite import io
@@ -1093,7 +1114,7 @@ class MultiStreamSegmenter:
                 raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
             return self._segment_at(model, x, float(scale), progress)
         labels = self._segment(model, x, progress)
-        if self._wants_upscale(labels):
+        if category in self.upscale_classes and self._wants_upscale(labels):
             labels = self._segment_at(model, x, self.upscale, progress)
         return labels
 
@@ -1202,6 +1223,7 @@ class MultiStreamSegmenter:
             "tta": self.tta,
             "min_diameter": self.min_diameter,
             "upscale": self.upscale,
+            "upscale_classes": list(self.upscale_classes),
             "sparse_cells": self.sparse_cells,
             "mirror_context": self.mirror_context,
             "router": router.checkpoint_dict(self.router),
@@ -1264,6 +1286,7 @@ class MultiStreamSegmenter:
             tta=checkpoint.get("tta"),
             min_diameter=checkpoint.get("min_diameter", MIN_DIAMETER),
             upscale=checkpoint.get("upscale", UPSCALE),
+            upscale_classes=checkpoint.get("upscale_classes", UPSCALE_CLASSES),
             sparse_cells=checkpoint.get("sparse_cells", True),
             mirror_context=checkpoint.get("mirror_context", MIRROR_CONTEXT),
             device=device,

@@ -333,6 +333,16 @@ def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))  # renumbered 1..N
     assert infer.inscribed_diameter(labels) == pytest.approx(8, abs=1)
 
+    assert infer.UPSCALE_CLASSES == (0, 3) == segmenter.upscale_classes
+    for category in (1, 2):  # whole cells: narrow is not small, one pass whatever the diameter
+        seen.clear()
+        segmenter.segment(image, category=category)
+        assert seen == [(60, 90, 3)]
+    monkeypatch.setattr(segmenter, "upscale_classes", (1,))
+    seen.clear()
+    segmenter.segment(image, category=1)
+    assert seen == [(60, 90, 3), (120, 180, 3)]
+
     seen.clear()
     monkeypatch.setattr(segmenter, "_segment", first_pass(20))  # large enough: one pass
     segmenter.segment(image, category=0)
@@ -360,6 +370,13 @@ def test_the_upscaling_normalisation_and_context_rules_are_saved_and_checked(str
     custom.save(tmp_path / "custom.pt")
     loaded = infer.MultiStreamSegmenter.load(tmp_path / "custom.pt")
     assert (loaded.min_diameter, loaded.upscale) == (None, 1.5)
+    every = infer.MultiStreamSegmenter(router.Router(), models, upscale_classes=[3, 1, 0, 2, 3])
+    assert every.upscale_classes == (0, 1, 2, 3)
+    every.save(tmp_path / "every.pt")
+    assert infer.MultiStreamSegmenter.load(tmp_path / "every.pt").upscale_classes == (0, 1, 2, 3)
+    for bad in (0, [4], [-1], [True], ["0"], None):
+        with pytest.raises(CellSegError, match="upscale_classes: expected a collection of classes"):
+            infer.MultiStreamSegmenter(router.Router(), models, upscale_classes=bad)
     for bad in (0, -3, True, "13"):
         with pytest.raises(CellSegError, match="min_diameter: expected a number > 0 or None"):
             infer.MultiStreamSegmenter(router.Router(), models, min_diameter=bad)
@@ -390,14 +407,16 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
         {0: star, 1: hv, 2: star, 3: star},
         min_diameter=9.0,
         upscale=1.5,
+        upscale_classes=(0,),
         sparse_cells=False,
         mirror_context=5,
     )
     methods = demo.ablation_segmenters(segmenter, {"stardist": star, "hover": hv})
     assert list(methods)[-1] == "multi-stream (routed, fine-tuned)"
     for method in methods.values():
-        rules = (method.min_diameter, method.upscale, method.sparse_cells, method.mirror_context)
-        assert rules == (9.0, 1.5, False, 5)
+        rules = (method.min_diameter, method.upscale, method.upscale_classes)
+        assert rules == (9.0, 1.5, (0,))
+        assert (method.sparse_cells, method.mirror_context) == (False, 5)
         assert method.router is segmenter.router
 
 
