@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         def f1(r):
             if above is not None and r["diameter"] >= above and factor in r:
                 return r[factor]
-            if upscale and r["diameter"] < infer.MIN_DIAMETER and infer.UPSCALE in r:
+            small = r["diameter"] < infer.MIN_DIAMETER and r["category"] in infer.UPSCALE_CLASSES
+            if upscale and small and infer.UPSCALE in r:
                 return r[infer.UPSCALE]
             return r[1.0]
 
@@ -118,8 +119,9 @@ images. Images at or above {args.start:g} pixels are segmented again at
 
 Every rule "a second pass at x times for images at or above d pixels" that these measurements
 allow, mean challenge F1 of each whole set: alone (every other image keeps its one-pass labels)
-and with the package's rule for small cells (below {infer.MIN_DIAMETER:g} px, x{infer.UPSCALE:g}:
-`infer.MIN_DIAMETER`, `infer.UPSCALE`), which is what a segmenter would do with both; the rule
+and with the package's rule for small cells (below {infer.MIN_DIAMETER:g} px, x{infer.UPSCALE:g},
+classes {", ".join(map(str, infer.UPSCALE_CLASSES))}: `infer.MIN_DIAMETER`, `infer.UPSCALE`,
+`infer.UPSCALE_CLASSES`), which is what a segmenter would do with both; the rule
 is chosen on TRAIN only, with both:
 
 {chr(10).join(rule_lines)}
