@@ -9,7 +9,7 @@ labels shrunk back, with the same weights and thresholds. The first table gives 
 of each bin at each scale; the second what each rule "a second pass at ``x`` times below ``d``
 pixels" makes of each whole set, with the rule that scores best on TRAIN marked (the package's
 ``infer.MIN_DIAMETER`` and ``infer.UPSCALE`` are that choice); the last, per routed class,
-what the chosen rule does to the images it retries (``infer.UPSCALE_CLASSES``: the classes where
+what the package's rule does to the images it retries (``infer.UPSCALE_CLASSES``: the classes where
 it does not lose on the two sets of the choice).
 
 - real-mini TRAIN: where the rule's numbers were chosen (the segmenter has seen these images,

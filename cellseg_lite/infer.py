@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 import numpy as np
@@ -952,9 +952,9 @@ class MultiStreamSegmenter:
     an image of one of the ``upscale_classes`` (:data:`UPSCALE_CLASSES`) whose cells a first
     pass finds narrower than ``min_diameter`` pixels (:func:`inscribed_diameter`) is segmented
     again ``upscale`` times larger and its labels shrunk back (:data:`MIN_DIAMETER`; ``None``
-    turns this off). ``sparse_cells``: normalise
-    images with :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells
-    cover under about 1% of the pixels, as the training data are (``False``: the challenge's rule
+    turns this off). ``sparse_cells``: normalise images with
+    :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells cover under
+    about 1% of the pixels, as the training data are (``False``: the challenge's rule
     unchanged). ``mirror_context``: pixels of mirrored context around each image
     (:data:`MIRROR_CONTEXT`; 0 turns it off; whole slides, above :data:`TILED_PIXELS`, go
     without, where a padded copy would cost memory and the frame holds a tiny share of the
@@ -974,7 +974,7 @@ class MultiStreamSegmenter:
         tta: bool | None = None,
         min_diameter: float | None = MIN_DIAMETER,
         upscale: float = UPSCALE,
-        upscale_classes=UPSCALE_CLASSES,
+        upscale_classes: Collection[int] = UPSCALE_CLASSES,
         sparse_cells: bool = True,
         mirror_context: int = MIRROR_CONTEXT,
         device=None,
