@@ -1025,7 +1025,7 @@ class MultiStreamSegmenter:
         except TypeError:
             classes = None
         if classes is None or not all(
-            isinstance(c, int | np.integer) and not isinstance(c, bool) and 0 <= c <= 3
+            isinstance(c, numbers.Integral) and not isinstance(c, bool) and 0 <= c <= 3
             for c in classes
         ):
             raise CellSegError(
@@ -1114,7 +1114,7 @@ class MultiStreamSegmenter:
                 raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
             return self._segment_at(model, x, float(scale), progress)
         labels = self._segment(model, x, progress)
-        if category in self.upscale_classes and self._wants_upscale(labels):
+        if self._wants_upscale(labels, category):
             labels = self._segment_at(model, x, self.upscale, progress)
         return labels
 
@@ -1124,10 +1124,15 @@ class MultiStreamSegmenter:
             return self._segment(model, x, progress)
         return _shrink_labels(self._segment(model, _enlarge(x, scale), progress), x)
 
-    def _wants_upscale(self, labels: np.ndarray) -> bool:
-        """Whether the first pass's ``labels`` hold cells too small for the network's scale (and
-        the enlarged image still fits in memory without the tiled path)."""
-        if self.min_diameter is None or labels.size * self.upscale**2 > TILED_PIXELS:
+    def _wants_upscale(self, labels: np.ndarray, category: int) -> bool:
+        """Whether the first pass's ``labels`` of an image of class ``category`` hold nuclei too
+        small for the network's scale (and the enlarged image still fits in memory without the
+        tiled path)."""
+        if (
+            self.min_diameter is None
+            or category not in self.upscale_classes
+            or labels.size * self.upscale**2 > TILED_PIXELS
+        ):
             return False
         return bool(inscribed_diameter(labels) < self.min_diameter)  # nan (no cells): no
 
