@@ -42,7 +42,7 @@ SYNTHETIC = 24
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cellseg_lite import unet
+    from cellseg_lite import train, unet
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=unet.DECODERS,
         help="U-Net decoder of both streams (another than the default writes its own section)",
     )
+    parser.add_argument(
+        "--patch-sampling",
+        default=train.preset("lite").patch_sampling,
+        choices=train.PATCH_SAMPLINGS,
+        help="patches per image per epoch: one each, or in proportion to the image's side "
+        "(another than the preset's writes its own section)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from cellseg_lite import classical, datasets, demo, metrics, synthetic, train
+    from cellseg_lite import classical, datasets, demo, metrics, synthetic
     from cellseg_lite.categorize import low_level_category
 
     real = real_mini(required=True)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=args.work / "stages",
         seed=args.seed,
         pretrained=args.pretrained,
-        changes={"decoder": args.decoder},
+        changes={"decoder": args.decoder, "patch_sampling": args.patch_sampling},
         progress=False,
         log=lambda message: print(message, flush=True),
     )
@@ -209,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.decoder != unet.DEFAULT_DECODER:
         more += f", the authors' decoder (`decoder={args.decoder!r}`: output stride 2)"
+    default_sampling = args.patch_sampling == train.preset("lite").patch_sampling
+    if not default_sampling:
+        options += f" --patch-sampling {args.patch_sampling}"
+        more += f", patches per image in proportion to its side (`patch_sampling={args.patch_sampling!r}`)"
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training{more}
 
 **Training data**: the 156 real-mini TRAIN images and {4 * args.synthetic} synthetic images
@@ -263,6 +274,8 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
         key = key if default_data else f"{key}_synthetic{args.synthetic}"
         if args.decoder != unet.DEFAULT_DECODER:
             key += f"_{args.decoder}_decoder"
+        if not default_sampling:
+            key += f"_{args.patch_sampling}_sampling"
         write_section(key, section)
     return 0
 

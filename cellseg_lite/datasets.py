@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import inspect
+import math
 import os
 import posixpath
 import re
@@ -48,6 +49,7 @@ __all__ = [
     "PatchDataset",
     "RemoteDataset",
     "RemoteFile",
+    "SIZE_UNIT",
     "Sample",
     "convert_dsb",
     "download",
@@ -58,6 +60,7 @@ __all__ = [
     "load_sample",
     "masks_to_labels",
     "sample_patch",
+    "size_repeats",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +259,8 @@ class PatchDataset(torch.utils.data.Dataset):
     Each image is read with :func:`cellseg_lite.io.read_image` and brought to
     ``(H, W, 3)`` uint8 by :func:`cellseg_lite.io.normalize_image` (the challenge's
     percentile normalisation, ``sparse_cells=True``); labels come from :func:`cellseg_lite.io.read_labels`.
-    Item ``i`` is a patch of image ``i % len(samples)``: a dict with
+    Item ``i`` is a patch of image ``i % len(samples)`` (with ``repeats``, image ``k`` owns
+    ``repeats[k]`` consecutive items of each round): a dict with
 
     - ``"image"``: float32 tensor ``(3, P, P)`` with values in [0, 1] (the uint8 image
       divided by 255; the authors' code feeds 0..255 to its networks instead),
@@ -272,6 +276,9 @@ class PatchDataset(torch.utils.data.Dataset):
         samples: labelled :class:`Sample` s, e.g. from :func:`find_pairs`.
         patch_size: side ``P`` of the square patches; smaller images are zero-padded.
         patches_per_image: patches drawn from each image per epoch.
+        repeats: optional patches per image per round, one positive integer per sample
+            (:func:`size_repeats` draws large images more often); ``patches_per_image``
+            multiplies them. ``None``: one each.
         seed: base seed of the crop positions.
         transform: optional ``transform(image, labels) -> (image, labels)`` applied to the
             uint8 ``(P, P, 3)`` patch and its int32 ``(P, P)`` labels before conversion; it
@@ -291,6 +298,7 @@ class PatchDataset(torch.utils.data.Dataset):
         seed: int = 0,
         transform: Callable | None = None,
         cache: bool = True,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         samples = list(samples)
         if not samples:
@@ -304,6 +312,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.patch_size = _int_at_least(patch_size, "patch_size")
         self.patches_per_image = _int_at_least(patches_per_image, "patches_per_image")
+        self.repeats = repeats
         self.seed = _int_at_least(seed, "seed", minimum=0)
         if transform is not None and not callable(transform):
             raise CellSegError(f"transform: expected a callable, got {type(transform).__name__}")
@@ -313,8 +322,19 @@ class PatchDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @property
+    def repeats(self) -> np.ndarray:
+        """Patches per image per round, ``(n_samples,)`` int64; settable (``None``: ones)."""
+        return self._repeats
+
+    @repeats.setter
+    def repeats(self, value: Sequence[int] | None) -> None:
+        self._repeats = _check_repeats(value, len(self.samples))
+        # the sample of each item of one round: 0, 1, ..., n-1 without repeats
+        self._owners = np.repeat(np.arange(len(self.samples)), self._repeats)
+
     def __len__(self) -> int:
-        return len(self.samples) * self.patches_per_image
+        return len(self._owners) * self.patches_per_image
 
     def set_epoch(self, epoch: int) -> None:
         """Draw different patches in each epoch; call it before iterating the epoch's ``DataLoader``.
@@ -337,7 +357,7 @@ class PatchDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         index %= len(self)
-        sample_index = index % len(self.samples)
+        sample_index = int(self._owners[index % len(self._owners)])
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image, labels = self.load(sample_index)
         image, labels = sample_patch(image, labels, self.patch_size, rng)
@@ -373,6 +393,41 @@ class PatchDataset(torch.utils.data.Dataset):
                 f"transform: returned a {image.dtype} image, expected uint8 or float in [0, 1]"
             )
         return image, labels
+
+
+def _check_repeats(repeats, n_samples: int) -> np.ndarray:
+    if repeats is None:
+        return np.ones(n_samples, np.int64)
+    try:
+        values = None if isinstance(repeats, str | bytes) else list(repeats)
+    except TypeError:
+        values = None
+    if values is None or len(values) != n_samples:
+        raise CellSegError(
+            f"repeats: expected one integer per sample ({n_samples}), got {repeats!r}"
+        )
+    return np.array([_int_at_least(v, "repeats") for v in values], np.int64)
+
+
+#: Side of the image that :func:`size_repeats` draws one patch from per round: the 256 x 256
+#: synthetic images and most real-mini fluorescence and stained images.
+SIZE_UNIT = 256
+
+
+def size_repeats(shapes: Sequence[tuple[int, ...]], unit: int = SIZE_UNIT) -> list[int]:
+    """Patches per round for images of the given shapes: in proportion to their side.
+
+    ``round(sqrt(H * W) / unit)``, at least 1: a 1024 x 1024 image gives 4 patches where a
+    256 x 256 image gives 1. With one patch per image (the paper's sampler, and the authors'),
+    each pixel of a 1024 x 1024 image is drawn 16 times less often than a pixel of a 256 x 256
+    one; in proportion to the area, a few large images would make most of the training data.
+    The side lies between the two: 4 times less often.
+
+    >>> size_repeats([(256, 256), (256, 320), (512, 512), (1024, 1024)])
+    [1, 1, 2, 4]
+    """
+    unit = _int_at_least(unit, "unit")
+    return [max(1, round(math.sqrt(shape[0] * shape[1]) / unit)) for shape in shapes]
 
 
 def _accepts_keyword(function: Callable, name: str) -> bool:

@@ -49,6 +49,7 @@ from cellseg_lite.config import fast_mode
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LR_SCHEDULES",
+    "PATCH_SAMPLINGS",
     "HOVER_SIZE_FLOORS",
     "PRESETS",
     "STREAMS",
@@ -74,6 +75,8 @@ __all__ = [
 STREAMS = ("stardist", "hover")
 #: ``TrainConfig.lr_schedule`` values: the paper's steps, or a decay to zero over the run.
 LR_SCHEDULES = ("step", "linear", "cosine")
+#: ``TrainConfig.patch_sampling``: every image equally often, or in proportion to its side.
+PATCH_SAMPLINGS = ("image", "size")
 #: ``format`` field of a stream checkpoint (a router checkpoint has its own).
 CHECKPOINT_FORMAT = "cellseg-lite-stream"
 _CHECKPOINT_LAYOUT = 1
@@ -89,7 +92,9 @@ class TrainConfig:
     Model: ``stream``, ``backbone`` (a timm ConvNeXt), ``decoder`` (``"paper"`` or ``"code"``),
     ``n_rays`` (StarDist), ``pretrained`` (ImageNet encoder weights; falls back with a warning
     offline). Data: ``patch_size``, ``batch_size`` (per process), ``patches_per_image`` (patches
-    drawn from each image per epoch), ``augment`` (the paper's eight augmentations).
+    drawn from each image per epoch), ``patch_sampling`` (``"image"``: every image equally
+    often, as in the paper; ``"size"``: in proportion to its side,
+    :func:`cellseg_lite.datasets.size_repeats`), ``augment`` (the paper's eight augmentations).
     Optimisation: AdamW with ``lr`` and ``weight_decay``; ``lr_schedule``: ``"step"`` (the
     paper's) multiplies the learning rate by ``lr_gamma`` at each fraction of the run in
     ``lr_milestones`` (the paper: x0.5 at epoch 200 of 800, i.e. at 0.25); ``"linear"`` and
@@ -122,6 +127,7 @@ class TrainConfig:
     patch_size: int = 512
     batch_size: int = 16
     patches_per_image: int = 1
+    patch_sampling: str = "image"
     augment: bool = True
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -192,6 +198,10 @@ def _check_config(c: TrainConfig) -> None:
         raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {c.stream!r}")
     if c.tta is not None and not isinstance(c.tta, bool):
         raise CellSegError(f"tta: expected True, False or None, got {c.tta!r}")
+    if c.patch_sampling not in PATCH_SAMPLINGS:
+        raise CellSegError(
+            f"patch_sampling: expected one of {', '.join(PATCH_SAMPLINGS)}, got {c.patch_sampling!r}"
+        )
     if c.loss not in ("paper", "code"):
         raise CellSegError(f"loss: expected 'paper' or 'code', got {c.loss!r}")
     if c.lr_schedule not in LR_SCHEDULES:
@@ -882,6 +892,9 @@ def train_stream(
         seed=config.seed,
         transform=augment,
     )
+    if config.patch_sampling == "size":  # decodes every image once; the cache keeps them
+        shapes = [patches.load(index)[1].shape for index in range(len(train_samples))]
+        patches.repeats = datasets.size_repeats(shapes)
     data = StreamDataset(patches, config.stream, config.n_rays)
     if config.num_workers:  # decode every image once here: forked workers inherit the cache
         for index in range(len(train_samples)):

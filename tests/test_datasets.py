@@ -332,6 +332,32 @@ def test_patch_dataset_bad_transform_output(layout, transform, message):
         data[0]
 
 
+def test_patch_dataset_repeats_draw_some_images_more_often(layout):
+    samples = ds.find_pairs(layout)
+    data = ds.PatchDataset(samples, 16, patches_per_image=2, repeats=[1, 3, 2], seed=1)
+    assert len(data) == 12
+    stems = [data[i]["stem"] for i in range(len(data))]
+    assert stems == ["img0", "img1", "img1", "img1", "img2", "img2"] * 2
+    patches = [data[i]["image"] for i in (1, 2, 3)]  # three different crops of img1
+    assert not torch.equal(patches[0], patches[1]) and not torch.equal(patches[1], patches[2])
+    np.testing.assert_array_equal(data.repeats, [1, 3, 2])
+    data.repeats = None  # back to one per image: the order of a plain dataset
+    plain = ds.PatchDataset(samples, 16, patches_per_image=2, seed=1)
+    assert len(data) == 6
+    assert all(torch.equal(data[i]["image"], plain[i]["image"]) for i in range(6))
+    for bad in ([1, 2], [1, 0, 1], [1, 2.5, 1], "abc", 3):
+        with pytest.raises(CellSegError, match="repeats"):
+            ds.PatchDataset(samples, 16, repeats=bad)
+
+
+def test_size_repeats_follow_the_side():
+    shapes = [(256, 256), (256, 320), (360, 360), (520, 696), (512, 512), (1024, 1024), (64, 64)]
+    assert ds.size_repeats(shapes) == [1, 1, 1, 2, 2, 4, 1]
+    assert ds.size_repeats([(256, 256, 3), (512, 512)], unit=128) == [2, 4]
+    with pytest.raises(CellSegError, match="unit"):
+        ds.size_repeats([(256, 256)], unit=0)
+
+
 def test_patch_dataset_argument_errors(layout):
     samples = ds.find_pairs(layout)
     with pytest.raises(CellSegError, match="empty"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cellseg_lite import CellSegError, synthetic, train
+from cellseg_lite.io import write_image, write_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -73,6 +74,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
         ({"tta": "yes"}, "tta: expected True, False or None"),
         ({"freeze_batchnorm": "yes"}, "freeze_batchnorm: expected True or False"),
+        ({"patch_sampling": "area"}, "patch_sampling: expected one of image, size"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -216,6 +218,20 @@ def test_stream_dataset_computes_targets_of_the_augmented_patch(tiny_data, strea
 
 
 # --------------------------------------------------------------------------- the loop and checkpoints
+
+
+def test_size_sampling_draws_a_large_image_more_often(tmp_path):
+    root = tmp_path / "mixed"
+    synthetic.make_dataset(root, 3, size=(96, 96), seed=3, categories=(0,))
+    image, labels = synthetic.make_image(0, size=(540, 540), seed=9)  # round(540 / 256) = 2
+    write_image(root / "images" / "large.tif", image)
+    write_labels(root / "labels" / "large_label.tiff", labels)
+    steps = {}
+    for sampling in train.PATCH_SAMPLINGS:
+        config = fast(epochs=1, patches_per_image=2, patch_sampling=sampling)
+        _, history = train.train_stream(root, config, progress=False)
+        steps[sampling] = history.steps
+    assert steps == {"image": 2, "size": 3}  # batches of 4 from 8 and 10 patches
 
 
 @pytest.mark.parametrize("stream", train.STREAMS)
