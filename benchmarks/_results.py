@@ -101,6 +101,32 @@ def work_option(work: Path, default: Path) -> tuple[Path, str]:
     return shown, "" if work == default.resolve() else f" --work {shown}"
 
 
+def add_run_options(parser, default_work: Path, contents: str) -> None:
+    """``--work`` (one or more ``bench_quality.py`` folders, each holding ``contents``) and
+    ``--seed`` (the seed of each run), for the scripts that study trained runs again."""
+    parser.add_argument(
+        "--work",
+        type=Path,
+        nargs="+",
+        default=[default_work],
+        help=f"bench_quality work folders (each with {contents})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the seed each bench_quality run had (one for all, or one per --work folder)",
+    )
+
+
+def run_seeds(parser, args) -> list[int]:
+    """The seed of each ``--work`` folder: one given for all, or one each (else a usage error)."""
+    if len(args.seed) not in (1, len(args.work)):
+        parser.error(f"--seed: give one seed or one per --work folder ({len(args.work)})")
+    return args.seed * len(args.work) if len(args.seed) == 1 else list(args.seed)
+
+
 def quality_run(work: Path, *folders: str):
     """The segmenter that ``bench_quality.py`` wrote to ``work``; exits with a message where it, or
     one of the run's data ``folders`` (``"synthetic_test"``, ...), is missing or unreadable."""

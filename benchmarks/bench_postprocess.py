@@ -47,7 +47,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import MODALITIES, machine, now, quality_run, real_mini, write_section  # noqa: E402
+from _results import (  # noqa: E402
+    MODALITIES,
+    add_run_options,
+    machine,
+    now,
+    quality_run,
+    real_mini,
+    run_seeds,
+    write_section,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: Marker thresholds ``--compare marker`` adds below the grid's lowest (0.25): trained segmenters
@@ -201,13 +210,7 @@ def retune(work: Path, seed: int, real, compare: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--work",
-        type=Path,
-        nargs="+",
-        default=[REPO / "runs" / "bench_quality"],
-        help="bench_quality work folders (each with model.pt and its synthetic data)",
-    )
+    add_run_options(parser, REPO / "runs" / "bench_quality", "model.pt and its synthetic data")
     parser.add_argument(
         "--compare",
         choices=("floor", "tta", "marker", "dihedral"),
@@ -221,13 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         default="validated",
         help="the --routing the bench_quality runs had (for the section's text)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="the seed each bench_quality run had (one for all, or one per --work folder)",
-    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--note", default="", help="a sentence on where the segmenters came from")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -235,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     real = real_mini(required=True)
-    if len(args.seed) not in (1, len(args.work)):
-        parser.error(f"--seed: give one seed or one per --work folder ({len(args.work)})")
-    seeds = args.seed * len(args.work) if len(args.seed) == 1 else args.seed
+    seeds = run_seeds(parser, args)
     runs = {
         work: retune(work, seed, real, args.compare)
         for work, seed in zip(args.work, seeds, strict=True)
