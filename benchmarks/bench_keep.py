@@ -69,7 +69,8 @@ def last_weights(checkpoint):
 
 
 def stage_history(checkpoint) -> str:
-    """``best epoch B of E (selection F1 b, last validated f)``."""
+    """``best epoch B of E (plain-map selection F1 b; last validation f at epoch L)``: the
+    validation curve of a stage, scored during training on plain maps at its thresholds then."""
     history = checkpoint.history
     curve = history.get("val_f1") or []
     last = f"{curve[-1][1]:.3f} at epoch {curve[-1][0]}" if curve else "none"
