@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     from cellseg_lite.categorize import low_level_category
 
     real = real_mini(required=True)
+    # the same VAL images for every run: read once
+    real_images = [
+        (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in real.val
+    ]
     real_lines = [
         "| run | weights kept | all 40 | " + " | ".join(MODALITIES) + " |",
         "|" + "---|" * (3 + len(MODALITIES)),
@@ -175,20 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shown}: rebuilding the last-weights segmenter", flush=True)
         best, last, notes = keep_last(work, seed, real)
         note_lines += [f"- `{shown}`, {note}" for note in notes]
-        sets = {
-            "real": [
-                (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
-                for s in real.val
-            ],
-            "synthetic": [
-                (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
-                for s in datasets.find_pairs(work / "synthetic_test")
-            ],
-        }
-        truth = {
-            name: [low_level_category(image, labels) for _, image, labels in images]
-            for name, images in sets.items()
-        }
+        synthetic = [
+            (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
+            for s in datasets.find_pairs(work / "synthetic_test")
+        ]
+        sets = {"real": real_images, "synthetic": synthetic}
+        synthetic_classes = [low_level_category(image, labels) for _, image, labels in synthetic]
         totals = {}
         for keep, segmenter in zip(KEEPS, (best, last), strict=True):
             rows = metrics.evaluate_segmenter(segmenter.segment, sets["real"])
@@ -201,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 + " |"
             )
             rows = metrics.evaluate_segmenter(
-                segmenter.segment, sets["synthetic"], categories=truth["synthetic"]
+                segmenter.segment, sets["synthetic"], categories=synthetic_classes
             )
             per = [mean(r.f1 for r in rows if r.category == c) for c in range(4)]
             totals[keep, "synthetic"] = mean(r.f1 for r in rows)
