@@ -47,11 +47,13 @@ __all__ = [
     "BOUNDARY_WIDTH",
     "TILE_SIZE",
     "TILE_THRESHOLD_PIXELS",
+    "ErrorKinds",
     "FolderReport",
     "ImageScore",
     "Matching",
     "SegmenterScore",
     "class_table",
+    "error_kinds",
     "evaluate_folder",
     "evaluate_segmenter",
     "f1_score",
@@ -255,15 +257,14 @@ def _compact(
     return lookup[index], area[keep]
 
 
-def _pair_table(
+def _pair_counts(
     y_true: np.ndarray, y_pred: np.ndarray, width: int, frame_shape: tuple[int, int]
-) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every overlapping (true, pred) cell pair, after the boundary rule.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Areas of the cells and of every overlapping (true, pred) pair, after the boundary rule.
 
-    Returns ``(n_true, n_pred, true_index, pred_index, iou)``: cells numbered
-    0..n-1 in increasing id order, one entry per pair sharing at least one pixel,
-    sorted by ``(true_index, pred_index)``; IoU in float64 as ``I / (A + B - I)``
-    on exact integer counts, like the challenge's script.
+    Returns ``(true_area, pred_area, true_index, pred_index, intersection)``: cells numbered
+    0..n-1 in increasing id order, one entry per pair sharing at least one pixel, sorted by
+    ``(true_index, pred_index)``; areas are float64 holding exact integer counts.
     """
     g = y_true.ravel()
     p = y_pred.ravel()
@@ -281,7 +282,7 @@ def _pair_table(
     n_true, n_pred = true_area.size, pred_area.size
     if n_true == 0 or n_pred == 0:
         empty = np.zeros(0, np.int64)
-        return n_true, n_pred, empty, empty, np.zeros(0)
+        return true_area, pred_area, empty, empty, np.zeros(0)
     both = (true_index >= 0) & (pred_index >= 0)
     code = true_index[both] * n_pred + pred_index[both]
     if n_true * n_pred <= 4 * code.size + 4096:
@@ -292,8 +293,23 @@ def _pair_table(
         codes, inverse = np.unique(code, return_inverse=True)
         intersection = np.bincount(inverse, weights=lengths[both])
     pair_true, pair_pred = np.divmod(codes, n_pred)
+    return true_area, pred_area, pair_true, pair_pred, intersection
+
+
+def _pair_table(
+    y_true: np.ndarray, y_pred: np.ndarray, width: int, frame_shape: tuple[int, int]
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping (true, pred) cell pair, after the boundary rule.
+
+    Returns ``(n_true, n_pred, true_index, pred_index, iou)``, pairs as in
+    :func:`_pair_counts`; IoU in float64 as ``I / (A + B - I)`` on exact integer
+    counts, like the challenge's script.
+    """
+    true_area, pred_area, pair_true, pair_pred, intersection = _pair_counts(
+        y_true, y_pred, width, frame_shape
+    )
     iou = intersection / (true_area[pair_true] + pred_area[pair_pred] - intersection)
-    return n_true, n_pred, pair_true, pair_pred, iou
+    return true_area.size, pred_area.size, pair_true, pair_pred, iou
 
 
 def _true_positives(
@@ -304,7 +320,20 @@ def _true_positives(
     iou: np.ndarray,
     threshold: float,
 ) -> tuple[int, float]:
-    """TP count and summed IoU of the matched pairs under the challenge's assignment.
+    """TP count and summed IoU of the matched pairs under the challenge's assignment."""
+    matched = _matched_pairs(n_true, n_pred, pair_true, pair_pred, iou, threshold)
+    return int(np.count_nonzero(matched)), float(iou[matched].sum())
+
+
+def _matched_pairs(
+    n_true: int,
+    n_pred: int,
+    pair_true: np.ndarray,
+    pair_pred: np.ndarray,
+    iou: np.ndarray,
+    threshold: float,
+) -> np.ndarray:
+    """Which pairs the challenge's assignment matches with IoU >= t (a mask over the pairs).
 
     The cost ``-(IoU >= t) - IoU / (2 n_min)`` first maximises the number of pairs
     over the threshold, then the IoU. Cells that share no pixel cost nothing, so
@@ -316,11 +345,11 @@ def _true_positives(
     """
     candidate = iou >= threshold
     if not candidate.any():
-        return 0, 0.0
+        return candidate
     degree_true = np.bincount(pair_true[candidate], minlength=n_true)
     degree_pred = np.bincount(pair_pred[candidate], minlength=n_pred)
     if degree_true.max() == 1 and degree_pred.max() == 1:
-        return int(np.count_nonzero(candidate)), float(iou[candidate].sum())
+        return candidate
 
     from scipy.sparse import coo_array
     from scipy.sparse.csgraph import connected_components
@@ -333,18 +362,19 @@ def _true_positives(
     conflicted = np.zeros(component.max() + 1, dtype=bool)
     conflicted[component[:n_true][degree_true > 1]] = True
     conflicted[component[n_true:][degree_pred > 1]] = True
-    hard = conflicted[component[pair_true]]
-    easy = candidate & ~hard
-    tp, iou_sum = _assign(
-        pair_true[hard], pair_pred[hard], iou[hard], threshold, min(n_true, n_pred)
-    )
-    return int(np.count_nonzero(easy)) + tp, float(iou[easy].sum()) + iou_sum
+    hard = np.flatnonzero(conflicted[component[pair_true]])
+    matched = candidate.copy()
+    matched[hard] = False
+    chosen = _assign(pair_true[hard], pair_pred[hard], iou[hard], threshold, min(n_true, n_pred))
+    matched[hard[chosen]] = True
+    return matched
 
 
 def _assign(
     pair_true: np.ndarray, pair_pred: np.ndarray, iou: np.ndarray, threshold: float, n_min: int
-) -> tuple[int, float]:
-    """The challenge's linear assignment on a sparse IoU table: ``(TP, matched IoU sum)``.
+) -> np.ndarray:
+    """The challenge's linear assignment on a sparse IoU table: the positions (in the pair
+    arrays) of the matched pairs with IoU >= ``threshold``.
 
     Pairs absent from the table cost 0, like being left unmatched, so each true
     cell gets a dummy partner of cost 0 and the sparse solver (LAPJVsp,
@@ -371,9 +401,7 @@ def _assign(
     real = cols < n_cols
     # (row, col) codes are sorted like the pairs: find each matched pair by its code
     position = np.searchsorted(row * n_cols + col, rows[real] * n_cols + cols[real])
-    matched = iou[position]
-    matched = matched[matched >= threshold]
-    return int(matched.size), float(matched.sum())
+    return position[iou[position] >= threshold]
 
 
 def _score_tile(
@@ -425,18 +453,28 @@ def _match(y_true, y_pred, iou_threshold, drop_boundary: bool, names: tuple[str,
     y_true, y_pred = _check_pair(y_true, y_pred, names)
     threshold = _check_threshold(iou_threshold)
     frame = BOUNDARY_WIDTH if drop_boundary else 0
+    return _matching(threshold, *_tiled(_score_tile, y_true, y_pred, threshold, frame))
+
+
+def _tiled(score, y_true: np.ndarray, y_pred: np.ndarray, threshold: float, frame: int) -> list:
+    """``score(y_true, y_pred, threshold, frame, frame_shape)`` of the whole image, or summed
+    over its ``TILE_SIZE`` tiles (the challenge's rule for images of ``TILE_THRESHOLD_PIXELS``
+    or more: zero padding to whole tiles adds no cells, so the tiles are cut as they fall)."""
     n_rows, n_cols = y_true.shape
     if n_rows * n_cols < TILE_THRESHOLD_PIXELS:
-        counts = _score_tile(y_true, y_pred, threshold, frame, y_true.shape)
-        return _matching(threshold, *counts)
+        return list(score(y_true, y_pred, threshold, frame, y_true.shape))
     tile = TILE_SIZE
-    total = [0, 0, 0, 0.0]
+    total = None
     for top in range(0, n_rows, tile):
         for left in range(0, n_cols, tile):
             window = np.s_[top : top + tile, left : left + tile]
-            counts = _score_tile(y_true[window], y_pred[window], threshold, frame, (tile, tile))
-            total = [a + b for a, b in zip(total, counts, strict=True)]
-    return _matching(threshold, *total)
+            counts = score(y_true[window], y_pred[window], threshold, frame, (tile, tile))
+            total = (
+                list(counts)
+                if total is None
+                else [a + b for a, b in zip(total, counts, strict=True)]
+            )
+    return total
 
 
 def f1_score(gt, pred, iou_threshold: float = 0.5, drop_boundary: bool = True) -> float:
@@ -446,6 +484,127 @@ def f1_score(gt, pred, iou_threshold: float = 0.5, drop_boundary: bool = True) -
     no cells in either.
     """
     return _match(gt, pred, iou_threshold, drop_boundary, ("gt", "pred")).f1
+
+
+class ErrorKinds(NamedTuple):
+    """What the challenge's false negatives and false positives of one image are made of.
+
+    Each true cell left unmatched (a false negative) is one of:
+
+    - ``missed``: predicted cells cover less than half of it;
+    - ``split``: together they cover at least half of it, but no single one does;
+    - ``merged``: one predicted cell covers at least half of it *and* at least half of another
+      true cell (two or more cells read as one);
+    - ``outline``: one predicted cell covers at least half of it and of no other true cell, yet
+      their IoU stays under the threshold (the outline spills over or falls short).
+
+    Each predicted cell left unmatched (a false positive) is one of:
+
+    - ``merger``: it covers at least half of two or more true cells (the other side of
+      ``merged``);
+    - ``on_cell``: it covers at least half of one true cell, or at least half of it lies on
+      true cells (a piece of a split cell, or an outline too far off);
+    - ``background``: neither (debris, noise, or a cell the frame rule took out of the truth).
+
+    "Half" is fixed, whatever the IoU threshold of the matching. ``fn = missed + split +
+    merged + outline`` and ``fp = merger + on_cell + background`` are the counts of
+    :class:`Matching`.
+    """
+
+    iou_threshold: float
+    tp: int
+    missed: int
+    split: int
+    merged: int
+    outline: int
+    merger: int
+    on_cell: int
+    background: int
+
+    @property
+    def fn(self) -> int:
+        return self.missed + self.split + self.merged + self.outline
+
+    @property
+    def fp(self) -> int:
+        return self.merger + self.on_cell + self.background
+
+
+#: The share of a cell that counts as "covering" it in :class:`ErrorKinds`.
+_HALF = 0.5
+
+
+def _error_tile(
+    y_true: np.ndarray, y_pred: np.ndarray, threshold: float, width: int, frame_shape
+) -> tuple[int, ...]:
+    """``(tp, missed, split, merged, outline, merger, on_cell, background)`` of one tile."""
+    true_area, pred_area, pair_true, pair_pred, overlap = _pair_counts(
+        y_true, y_pred, width, frame_shape
+    )
+    n_true, n_pred = true_area.size, pred_area.size
+    iou = overlap / (true_area[pair_true] + pred_area[pair_pred] - overlap)
+    matched = _matched_pairs(n_true, n_pred, pair_true, pair_pred, iou, threshold)
+    unmatched_true = np.bincount(pair_true[matched], minlength=n_true) == 0
+    unmatched_pred = np.bincount(pair_pred[matched], minlength=n_pred) == 0
+
+    share_of_true = overlap / true_area[pair_true]  # how much of the true cell the pair covers
+    covered = np.bincount(pair_true, weights=overlap, minlength=n_true) / np.maximum(true_area, 1)
+    best_cover = np.zeros(n_true)
+    np.maximum.at(best_cover, pair_true, share_of_true)
+    covers_half = share_of_true >= _HALF
+    halves_of_pred = np.bincount(pair_pred[covers_half], minlength=n_pred)  # true cells covered
+    in_merger = np.zeros(n_true, bool)
+    in_merger[pair_true[covers_half & (halves_of_pred[pair_pred] >= 2)]] = True
+    on_cells = np.bincount(pair_pred, weights=overlap, minlength=n_pred) / np.maximum(pred_area, 1)
+
+    missed = unmatched_true & (covered < _HALF)
+    split = unmatched_true & ~missed & (best_cover < _HALF)
+    found = unmatched_true & (best_cover >= _HALF)
+    merger = unmatched_pred & (halves_of_pred >= 2)
+    on_truth = unmatched_pred & ~merger & ((halves_of_pred == 1) | (on_cells >= _HALF))
+    return tuple(
+        int(np.count_nonzero(kind))
+        for kind in (
+            ~unmatched_true,
+            missed,
+            split,
+            found & in_merger,
+            found & ~in_merger,
+            merger,
+            on_truth,
+            unmatched_pred & ~merger & ~on_truth,
+        )
+    )
+
+
+def error_kinds(
+    y_true, y_pred, iou_threshold: float = 0.5, *, drop_boundary: bool = True
+) -> ErrorKinds:
+    """Sort the challenge's errors of one image by kind: cells missed, split, merged or drawn
+    with a poor outline, and predictions that merge cells, sit on a cell or on background.
+
+    The same matching as :func:`match` (boundary rule, the challenge's assignment, tiles for
+    very large images); the kinds are defined in :class:`ErrorKinds`. F1 says how many cells
+    went wrong, this says how, and so which part of a method to work on: cells read as one
+    call for a better separation of touching cells, split ones for a smoother foreground,
+    background hits for a stricter probability threshold or size floor.
+
+    >>> import numpy as np
+    >>> y_true = np.zeros((40, 40), np.int32)
+    >>> y_true[5:15, 5:15], y_true[5:15, 15:25] = 1, 2   # two touching cells
+    >>> y_true[25:35, 5:15] = 3                          # a third, apart
+    >>> y_true[25:35, 25:35] = 4                         # a fourth
+    >>> y_pred = np.zeros_like(y_true)
+    >>> y_pred[5:15, 4:26] = 1                           # the first two read as one
+    >>> y_pred[25:35, 5:8], y_pred[25:35, 8:11], y_pred[25:35, 11:15] = 2, 3, 4  # cut in three
+    >>> y_pred[18:22, 32:36] = 5                         # debris; the fourth is not found
+    >>> error_kinds(y_true, y_pred)
+    ErrorKinds(iou_threshold=0.5, tp=0, missed=1, split=1, merged=2, outline=0, merger=1, on_cell=3, background=1)
+    """
+    y_true, y_pred = _check_pair(y_true, y_pred, ("y_true", "y_pred"))
+    threshold = _check_threshold(iou_threshold)
+    frame = BOUNDARY_WIDTH if drop_boundary else 0
+    return ErrorKinds(threshold, *_tiled(_error_tile, y_true, y_pred, threshold, frame))
 
 
 def time_tolerance(height: int, width: int) -> float:

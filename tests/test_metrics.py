@@ -344,6 +344,113 @@ def test_time_tolerance(height, width, seconds):
     assert metrics.time_tolerance(height, width) == pytest.approx(seconds, rel=1e-12)
 
 
+# --------------------------------------------------------------------------- kinds of error
+
+
+def _kinds(k: metrics.ErrorKinds) -> dict[str, int]:
+    return {name: getattr(k, name) for name in metrics.ErrorKinds._fields[1:] if getattr(k, name)}
+
+
+def test_error_kinds_of_each_kind():
+    y_true = _boxes(
+        (60, 60),
+        (5, 15, 5, 15),  # 1: matched
+        (5, 15, 20, 30),  # 2, 3: two touching cells read as one
+        (5, 15, 30, 40),
+        (20, 30, 5, 15),  # 4: cut in three
+        (20, 30, 25, 35),  # 5: not found
+        (40, 50, 5, 15),  # 6: found with an outline three times too large
+    )
+    y_pred = _boxes(
+        (60, 60),
+        (5, 15, 6, 15),
+        (5, 15, 19, 41),
+        (20, 30, 5, 8),
+        (20, 30, 8, 11),
+        (20, 30, 11, 15),
+        (38, 52, 3, 25),
+        (40, 45, 45, 50),  # debris
+    )
+    k = metrics.error_kinds(y_true, y_pred)
+    assert _kinds(k) == {
+        "tp": 1,
+        "missed": 1,
+        "split": 1,
+        "merged": 2,
+        "outline": 1,
+        "merger": 1,
+        "on_cell": 4,  # the three pieces and the large outline
+        "background": 1,
+    }
+    m = metrics.match(y_true, y_pred)
+    assert (k.tp, k.fn, k.fp) == (m.tp, m.fn, m.fp)
+
+
+def test_error_kinds_of_a_cell_the_frame_removed_from_the_truth():
+    # the true cell touches the frame and leaves the truth; its prediction stops 3 px short
+    y_true = _boxes((30, 30), (0, 10, 5, 15))
+    y_pred = _boxes((30, 30), (3, 10, 5, 15))
+    assert _kinds(metrics.error_kinds(y_true, y_pred)) == {"background": 1}
+    assert _kinds(metrics.error_kinds(y_true, y_pred, drop_boundary=False)) == {"tp": 1}
+
+
+def test_error_kinds_of_empty_images():
+    empty = np.zeros((20, 20), np.int32)
+    cell = _boxes((20, 20), (5, 10, 5, 10))
+    assert _kinds(metrics.error_kinds(empty, empty)) == {}
+    assert _kinds(metrics.error_kinds(cell, empty)) == {"missed": 1}
+    assert _kinds(metrics.error_kinds(empty, cell)) == {"background": 1}
+
+
+def test_error_kinds_follow_the_assignment_at_exact_ties():
+    # the exact halves of test_exact_half_ties_stay_one_to_one: one half of each tie is matched,
+    # the other is the error
+    y_true = _boxes((40, 40), (4, 14, 4, 14), (20, 30, 4, 9), (20, 30, 9, 14), (4, 14, 20, 30))
+    y_pred = _boxes((40, 40), (4, 14, 4, 9), (4, 14, 9, 14), (20, 30, 4, 14), (4, 14, 20, 30))
+    k = metrics.error_kinds(y_true, y_pred)
+    assert (k.tp, k.fn, k.fp) == (3, 1, 1)
+    assert _kinds(k) == {"tp": 3, "merged": 1, "on_cell": 1}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_error_kinds_add_up_to_the_challenge_counts(seed):
+    rng = np.random.default_rng(seed)
+    y_true = synthetic.voronoi_labels((128, 160), 90, rng)
+    y_pred = _perturb(y_true, rng)
+    for threshold in (0.3, 0.5, 0.7):
+        for drop_boundary in (True, False):
+            k = metrics.error_kinds(y_true, y_pred, threshold, drop_boundary=drop_boundary)
+            m = metrics.match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
+            assert (k.tp, k.fn, k.fp) == (m.tp, m.fn, m.fp)
+            assert k.iou_threshold == threshold
+    # _perturb splits, merges, deletes and adds cells: every kind shows up at 0.5
+    k = metrics.error_kinds(y_true, y_pred)
+    assert k.missed and k.split and k.merged and k.merger and k.on_cell and k.background
+
+
+def test_error_kinds_of_a_tiled_image_are_sums_over_tiles(small_tiles, rng):
+    y_true = synthetic.voronoi_labels((50, 45), 30, rng)
+    y_pred = _perturb(y_true, rng)
+    k = metrics.error_kinds(y_true, y_pred)
+    m = metrics.match(y_true, y_pred)
+    assert (k.tp, k.fn, k.fp) == (m.tp, m.fn, m.fp)
+    padded_true, padded_pred = np.zeros((2, 60, 60), np.int32)
+    padded_true[:50, :45], padded_pred[:50, :45] = y_true, y_pred
+    sums = np.zeros(len(metrics.ErrorKinds._fields) - 1, int)
+    for top in range(0, 60, 20):
+        for left in range(0, 60, 20):
+            tile = np.s_[top : top + 20, left : left + 20]
+            sums += metrics.error_kinds(padded_true[tile], padded_pred[tile])[1:]
+    assert tuple(k)[1:] == tuple(sums)
+
+
+def test_error_kinds_refuse_bad_input():
+    with pytest.raises(CellSegError, match=r"y_pred: shape \(8, 9\) differs"):
+        metrics.error_kinds(np.zeros((8, 8)), np.zeros((8, 9)))
+    with pytest.raises(CellSegError, match="iou_threshold"):
+        metrics.error_kinds(np.zeros((8, 8)), np.zeros((8, 8)), 1.5)
+
+
 # --------------------------------------------------------------------------- folders
 
 
