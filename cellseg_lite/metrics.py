@@ -312,19 +312,6 @@ def _pair_table(
     return true_area.size, pred_area.size, pair_true, pair_pred, iou
 
 
-def _true_positives(
-    n_true: int,
-    n_pred: int,
-    pair_true: np.ndarray,
-    pair_pred: np.ndarray,
-    iou: np.ndarray,
-    threshold: float,
-) -> tuple[int, float]:
-    """TP count and summed IoU of the matched pairs under the challenge's assignment."""
-    matched = _matched_pairs(n_true, n_pred, pair_true, pair_pred, iou, threshold)
-    return int(np.count_nonzero(matched)), float(iou[matched].sum())
-
-
 def _matched_pairs(
     n_true: int,
     n_pred: int,
@@ -409,8 +396,8 @@ def _score_tile(
 ) -> tuple[int, int, int, float]:
     """``(n_true, n_pred, tp, matched IoU sum)`` of one image or one tile."""
     n_true, n_pred, pair_true, pair_pred, iou = _pair_table(y_true, y_pred, width, frame_shape)
-    tp, iou_sum = _true_positives(n_true, n_pred, pair_true, pair_pred, iou, threshold)
-    return n_true, n_pred, tp, iou_sum
+    matched = _matched_pairs(n_true, n_pred, pair_true, pair_pred, iou, threshold)
+    return n_true, n_pred, int(np.count_nonzero(matched)), float(iou[matched].sum())
 
 
 def _matching(threshold: float, n_true: int, n_pred: int, tp: int, iou_sum: float) -> Matching:
