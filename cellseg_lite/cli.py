@@ -27,6 +27,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         csv_path=args.csv,
         iou_threshold=args.iou,
         drop_boundary=not args.keep_boundary,
+        kinds=args.kinds,
     )
     print(summary.report())
     if args.csv:
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-boundary",
         action="store_true",
         help="do not remove cells touching the 2-pixel image frame",
+    )
+    ev.add_argument(
+        "--kinds",
+        action="store_true",
+        help="also sort the unmatched cells by kind (missed, split, merged, outline; merger, "
+        "on_cell, background) and print the totals",
     )
     ev.set_defaults(func=_cmd_evaluate)
 

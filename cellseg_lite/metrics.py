@@ -118,9 +118,54 @@ class ImageScore(NamedTuple):
     f1: float
 
 
+class ErrorKinds(NamedTuple):
+    """What the challenge's false negatives and false positives of one image are made of.
+
+    Each true cell left unmatched (a false negative) is one of:
+
+    - ``missed``: predicted cells cover less than half of it;
+    - ``split``: together they cover at least half of it, but no single one does;
+    - ``merged``: one predicted cell covers at least half of it *and* at least half of another
+      true cell (two or more cells read as one);
+    - ``outline``: one predicted cell covers at least half of it and of no other true cell, yet
+      their IoU stays under the threshold (the outline spills over or falls short).
+
+    Each predicted cell left unmatched (a false positive) is one of:
+
+    - ``merger``: it covers at least half of two or more true cells (the other side of
+      ``merged``);
+    - ``on_cell``: it covers at least half of one true cell, or at least half of it lies on
+      true cells (a piece of a split cell, or an outline too far off);
+    - ``background``: neither (debris, noise, or a cell the frame rule took out of the truth).
+
+    "Half" is fixed, whatever the IoU threshold of the matching. ``fn = missed + split +
+    merged + outline`` and ``fp = merger + on_cell + background`` are the counts of
+    :class:`Matching`.
+    """
+
+    iou_threshold: float
+    tp: int
+    missed: int
+    split: int
+    merged: int
+    outline: int
+    merger: int
+    on_cell: int
+    background: int
+
+    @property
+    def fn(self) -> int:
+        return self.missed + self.split + self.merged + self.outline
+
+    @property
+    def fp(self) -> int:
+        return self.merger + self.on_cell + self.background
+
+
 class FolderReport(NamedTuple):
     """A folder evaluation: per-image rows, their means (the challenge score is ``mean_f1``),
-    and the stems whose prediction file was missing (scored as empty predictions)."""
+    the stems whose prediction file was missing (scored as empty predictions), and, where
+    asked for, the errors of all images sorted by kind (:class:`ErrorKinds`, summed)."""
 
     rows: tuple[ImageScore, ...]
     n_images: int
@@ -129,6 +174,7 @@ class FolderReport(NamedTuple):
     mean_recall: float
     missing: tuple[str, ...]
     iou_threshold: float = 0.5
+    kinds: ErrorKinds | None = None
 
     def __repr__(self) -> str:
         return (
@@ -147,6 +193,14 @@ class FolderReport(NamedTuple):
             lines.append(
                 f"{len(self.missing)} missing predictions, scored 0: " + ", ".join(self.missing)
             )
+        if self.kinds is not None:
+            k = self.kinds
+            lines += [
+                f"true cells not matched: {k.fn} of {k.tp + k.fn} (missed {k.missed}, split "
+                f"{k.split}, merged {k.merged}, outline {k.outline})",
+                f"predicted cells not matched: {k.fp} of {k.tp + k.fp} (merger {k.merger}, "
+                f"on_cell {k.on_cell}, background {k.background})",
+            ]
         return "\n".join(lines)
 
 
@@ -473,50 +527,6 @@ def f1_score(gt, pred, iou_threshold: float = 0.5, drop_boundary: bool = True) -
     return _match(gt, pred, iou_threshold, drop_boundary, ("gt", "pred")).f1
 
 
-class ErrorKinds(NamedTuple):
-    """What the challenge's false negatives and false positives of one image are made of.
-
-    Each true cell left unmatched (a false negative) is one of:
-
-    - ``missed``: predicted cells cover less than half of it;
-    - ``split``: together they cover at least half of it, but no single one does;
-    - ``merged``: one predicted cell covers at least half of it *and* at least half of another
-      true cell (two or more cells read as one);
-    - ``outline``: one predicted cell covers at least half of it and of no other true cell, yet
-      their IoU stays under the threshold (the outline spills over or falls short).
-
-    Each predicted cell left unmatched (a false positive) is one of:
-
-    - ``merger``: it covers at least half of two or more true cells (the other side of
-      ``merged``);
-    - ``on_cell``: it covers at least half of one true cell, or at least half of it lies on
-      true cells (a piece of a split cell, or an outline too far off);
-    - ``background``: neither (debris, noise, or a cell the frame rule took out of the truth).
-
-    "Half" is fixed, whatever the IoU threshold of the matching. ``fn = missed + split +
-    merged + outline`` and ``fp = merger + on_cell + background`` are the counts of
-    :class:`Matching`.
-    """
-
-    iou_threshold: float
-    tp: int
-    missed: int
-    split: int
-    merged: int
-    outline: int
-    merger: int
-    on_cell: int
-    background: int
-
-    @property
-    def fn(self) -> int:
-        return self.missed + self.split + self.merged + self.outline
-
-    @property
-    def fp(self) -> int:
-        return self.merger + self.on_cell + self.background
-
-
 #: The share of a cell that counts as "covering" it in :class:`ErrorKinds`.
 _HALF = 0.5
 
@@ -651,13 +661,15 @@ def evaluate_folder(
     *,
     iou_threshold: float = 0.5,
     drop_boundary: bool = True,
+    kinds: bool = False,
 ) -> FolderReport:
     """Score every ``<stem>_label.tiff`` of ``gt_dir`` against the same name in ``pred_dir``.
 
     This is the challenge's evaluation of a submission: per-image F1 by
     :func:`match`, averaged over images. A missing prediction is scored as an
     empty one (F1 0) and listed in ``missing``. With ``csv_path`` the per-image
-    rows are written there as CSV (atomically).
+    rows are written there as CSV (atomically). With ``kinds`` the errors of every
+    image are also sorted by :func:`error_kinds` and summed in ``FolderReport.kinds``.
     """
     from cellseg_lite.io import read_labels
 
@@ -677,6 +689,7 @@ def evaluate_folder(
         )
     predictions = _label_files(pred_dir)
     rows, missing = [], []
+    kind_sums = [0] * (len(ErrorKinds._fields) - 1)
     for stem, gt_path in truths.items():
         y_true = read_labels(gt_path)
         pred_path = predictions.get(stem)
@@ -692,6 +705,9 @@ def evaluate_folder(
                 )
         result = match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
         rows.append(ImageScore(stem, *result[1:9]))
+        if kinds:
+            found = error_kinds(y_true, y_pred, threshold, drop_boundary=drop_boundary)
+            kind_sums = [a + b for a, b in zip(kind_sums, found[1:], strict=True)]
     rows = tuple(rows)
     report = FolderReport(
         rows=rows,
@@ -701,6 +717,7 @@ def evaluate_folder(
         mean_recall=math.fsum(r.recall for r in rows) / len(rows),
         missing=tuple(missing),
         iou_threshold=threshold,
+        kinds=ErrorKinds(threshold, *kind_sums) if kinds else None,
     )
     if csv_path is not None:
         _write_csv(csv_path, rows)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cellseg_lite import cli, io, synthetic
+from cellseg_lite import cli, io, metrics, synthetic
 
 
 def test_version(capsys):
@@ -48,6 +48,15 @@ def test_evaluate_scores_a_prediction(tmp_path, capsys):
     io.write_labels(tmp_path / "pred" / "cells_label.tiff", pred)
     assert cli.main(["evaluate", str(tmp_path / "gt"), str(tmp_path / "pred")]) == 0
     assert "F1" in capsys.readouterr().out
+    assert "not matched" not in capsys.readouterr().out  # kinds only when asked for
+    assert cli.main(["evaluate", str(tmp_path / "gt"), str(tmp_path / "pred"), "--kinds"]) == 0
+    out = capsys.readouterr().out
+    k = metrics.error_kinds(labels, pred)
+    assert k.missed == 1 and k.fn == 1 and k.fp == 0  # the dropped cell, and nothing else
+    assert (
+        f"true cells not matched: 1 of {k.tp + 1} (missed 1, split 0, merged 0, outline 0)" in out
+    )
+    assert f"predicted cells not matched: 0 of {k.tp} (merger 0, on_cell 0, background 0)" in out
 
 
 def test_console_script_runs():

@@ -519,6 +519,27 @@ def test_evaluate_folder_with_missing_prediction_and_csv(folders, tmp_path):
     assert strict.rows[0].tp <= report.rows[0].tp and strict.rows[0].n_true >= report.rows[0].n_true
 
 
+def test_evaluate_folder_sorts_errors_by_kind_when_asked(folders):
+    gt_dir, pred_dir, pairs = folders
+    assert metrics.evaluate_folder(gt_dir, pred_dir).kinds is None
+    report = metrics.evaluate_folder(gt_dir, pred_dir, iou_threshold=0.7, kinds=True)
+    sums = np.zeros(len(metrics.ErrorKinds._fields) - 1, int)
+    for stem, (y_true, y_pred) in pairs.items():
+        y_pred = y_pred if stem != "cell_00002" else 0 * y_true  # the missing one: empty
+        sums += metrics.error_kinds(y_true, y_pred, 0.7)[1:]
+    assert report.kinds == metrics.ErrorKinds(0.7, *sums)
+    assert report.kinds.tp == sum(row.tp for row in report.rows)
+    assert report.kinds.fn == sum(row.fn for row in report.rows)
+    assert report.kinds.fp == sum(row.fp for row in report.rows)
+    k = report.kinds
+    assert report.report().splitlines()[-2:] == [
+        f"true cells not matched: {k.fn} of {k.tp + k.fn} (missed {k.missed}, split {k.split}, "
+        f"merged {k.merged}, outline {k.outline})",
+        f"predicted cells not matched: {k.fp} of {k.tp + k.fp} (merger {k.merger}, on_cell "
+        f"{k.on_cell}, background {k.background})",
+    ]
+
+
 def test_evaluate_folder_errors(folders, tmp_path):
     gt_dir, pred_dir, _ = folders
     with pytest.raises(CellSegError, match="nowhere.*not a folder"):
