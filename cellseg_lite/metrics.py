@@ -703,11 +703,13 @@ def evaluate_folder(
                     f"{where(pred_path)}: prediction size {y_pred.shape} differs from "
                     f"ground truth size {y_true.shape} ({gt_path.name})"
                 )
-        result = match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
-        rows.append(ImageScore(stem, *result[1:9]))
-        if kinds:
+        if kinds:  # one matching serves both: the row's counts follow from the kinds
             found = error_kinds(y_true, y_pred, threshold, drop_boundary=drop_boundary)
             kind_sums = [a + b for a, b in zip(kind_sums, found[1:], strict=True)]
+            result = _matching(threshold, found.tp + found.fn, found.tp + found.fp, found.tp, 0.0)
+        else:
+            result = match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
+        rows.append(ImageScore(stem, *result[1:9]))
     rows = tuple(rows)
     report = FolderReport(
         rows=rows,

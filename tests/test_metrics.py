@@ -531,6 +531,8 @@ def test_evaluate_folder_sorts_errors_by_kind_when_asked(folders):
     assert report.kinds.tp == sum(row.tp for row in report.rows)
     assert report.kinds.fn == sum(row.fn for row in report.rows)
     assert report.kinds.fp == sum(row.fp for row in report.rows)
+    # the rows are those of an evaluation without kinds
+    assert report.rows == metrics.evaluate_folder(gt_dir, pred_dir, iou_threshold=0.7).rows
     k = report.kinds
     assert report.report().splitlines()[-2:] == [
         f"true cells not matched: {k.fn} of {k.tp + k.fn} (missed {k.missed}, split {k.split}, "
