@@ -33,6 +33,7 @@ from _results import (  # noqa: E402
     work_option,
     write_section,
 )
+from bench_quality import load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
@@ -99,23 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    from cellseg_lite import datasets, io
+    from cellseg_lite import datasets
     from cellseg_lite.categorize import low_level_category
 
     real = real_mini(required=True)
-    real_images = [
-        (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in real.val
-    ]
+    real_images = load(real.val)
     real_groups = [real.modality[stem] for stem, _, _ in real_images]
     real_rows, synthetic_rows, merged_share = [], [], []
     for work in args.work:
         shown, _ = work_option(work, DEFAULT_WORK)
         segmenter = quality_run(work, "synthetic_test")
         print(f"{shown}: segmenting", flush=True)
-        synthetic = [
-            (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
-            for s in datasets.find_pairs(work / "synthetic_test")
-        ]
+        synthetic = load(datasets.find_pairs(work / "synthetic_test"))
         classes = [f"class {low_level_category(image, labels)}" for _, image, labels in synthetic]
         totals = count_kinds(segmenter.segment, real_images, real_groups)
         real_rows += [(shown, g, totals[g]) for g in (*MODALITIES, "all") if g in totals]

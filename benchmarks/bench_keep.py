@@ -45,6 +45,7 @@ from _results import (  # noqa: E402
     work_option,
     write_section,
 )
+from bench_quality import load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
@@ -157,14 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seeds = run_seeds(parser, args)
 
-    from cellseg_lite import datasets, io, metrics
+    from cellseg_lite import datasets, metrics
     from cellseg_lite.categorize import low_level_category
 
     real = real_mini(required=True)
     # the same VAL images for every run: read once
-    real_images = [
-        (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in real.val
-    ]
+    real_images = load(real.val)
     real_lines = [
         "| run | weights kept | all 40 | " + " | ".join(MODALITIES) + " |",
         "|" + "---|" * (3 + len(MODALITIES)),
@@ -179,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shown}: rebuilding the last-weights segmenter", flush=True)
         best, last, notes = keep_last(work, seed, real)
         note_lines += [f"- `{shown}`, {note}" for note in notes]
-        synthetic = [
-            (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
-            for s in datasets.find_pairs(work / "synthetic_test")
-        ]
+        synthetic = load(datasets.find_pairs(work / "synthetic_test"))
         sets = {"real": real_images, "synthetic": synthetic}
         synthetic_classes = [low_level_category(image, labels) for _, image, labels in synthetic]
         totals = {}
