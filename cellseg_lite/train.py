@@ -112,8 +112,11 @@ class TrainConfig:
     precision of the forward pass (bf16, or fp16 on GPUs without bf16; the loss is computed in
     float32 either way); ``None`` means on CUDA and on CPUs with native bf16
     (:func:`cpu_has_bf16`). ``channels_last``: ``None`` follows ``amp``. ``loss``: the StarDist
-    loss variant (``"paper"`` or ``"code"``). ``num_workers``: DataLoader processes computing
-    patches and targets. ``tta``: tune the post-processing on flip-averaged maps
+    loss variant (``"paper"`` or ``"code"``). ``contact_weight``: weight the HV terms of the
+    HoVer loss up by this much where cells touch
+    (:func:`cellseg_lite.streams.hover.contact_weights`); 0, the paper, weights every pixel
+    alike, and StarDist ignores it as HoVer ignores ``loss``. ``num_workers``: DataLoader
+    processes computing patches and targets. ``tta``: tune the post-processing on flip-averaged maps
     (:func:`cellseg_lite.infer.flip_averaged`), which the segmenter then predicts too (four
     forward passes per tile); ``None`` means for HoVer only (:func:`uses_tta`). The periodic
     validation that picks the best epoch uses plain maps either way.
@@ -143,6 +146,7 @@ class TrainConfig:
     amp: bool | None = None
     channels_last: bool | None = None
     loss: str = "paper"
+    contact_weight: float = 0.0
     num_workers: int = 0
     tta: bool | None = None
     seed: int = 0
@@ -217,6 +221,7 @@ def _check_config(c: TrainConfig) -> None:
     positive_number("lr")
     positive_number("weight_decay", allow_zero=True)
     positive_number("lr_gamma")
+    positive_number("contact_weight", allow_zero=True)
     if c.minutes is not None:
         positive_number("minutes")
     if c.ema_decay is not None and not (
@@ -320,7 +325,9 @@ def build_model(config: TrainConfig, *, pretrained: bool | None = None) -> nn.Mo
     return ConvNeXtHover(config.backbone, pretrained=pretrained, decoder=config.decoder)
 
 
-def _targets(stream: str, labels: np.ndarray, n_rays: int) -> dict[str, torch.Tensor]:
+def _targets(
+    stream: str, labels: np.ndarray, n_rays: int, contact_weight: float = 0.0
+) -> dict[str, torch.Tensor]:
     if stream == "stardist":
         from cellseg_lite.streams import stardist
 
@@ -329,7 +336,10 @@ def _targets(stream: str, labels: np.ndarray, n_rays: int) -> dict[str, torch.Te
     from cellseg_lite.streams import hover
 
     foreground, hv = hover.targets(labels)
-    return {"foreground": torch.from_numpy(foreground), "hv": torch.from_numpy(hv)}
+    targets = {"foreground": torch.from_numpy(foreground), "hv": torch.from_numpy(hv)}
+    if contact_weight:
+        targets["hv_weight"] = torch.from_numpy(hover.contact_weights(labels, contact_weight))
+    return targets
 
 
 class StreamDataset(torch.utils.data.Dataset):
@@ -337,16 +347,17 @@ class StreamDataset(torch.utils.data.Dataset):
 
     Wraps a :class:`cellseg_lite.datasets.PatchDataset` and adds, per item, the targets of the
     stream computed from the augmented labels: ``prob (1, P, P)`` and ``dist (R, P, P)`` for
-    StarDist, ``foreground (P, P)`` and ``hv (2, P, P)`` for HoVer. Runs in DataLoader workers
-    when ``num_workers > 0``.
+    StarDist, ``foreground (P, P)`` and ``hv (2, P, P)`` for HoVer, and ``hv_weight (P, P)``
+    with a ``contact_weight``. Runs in DataLoader workers when ``num_workers > 0``.
     """
 
-    def __init__(self, patches, stream: str, n_rays: int = 32):
+    def __init__(self, patches, stream: str, n_rays: int = 32, contact_weight: float = 0.0):
         if stream not in STREAMS:
             raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {stream!r}")
         self.patches = patches
         self.stream = stream
         self.n_rays = int(n_rays)
+        self.contact_weight = float(contact_weight)
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -356,11 +367,11 @@ class StreamDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.patches[index]
-        item.update(_targets(self.stream, item["labels"].numpy(), self.n_rays))
+        item.update(_targets(self.stream, item["labels"].numpy(), self.n_rays, self.contact_weight))
         return item
 
 
-_TARGET_KEYS = ("prob", "dist", "foreground", "hv")
+_TARGET_KEYS = ("prob", "dist", "foreground", "hv", "hv_weight")
 
 
 def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
@@ -375,7 +386,7 @@ def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
     from cellseg_lite.streams import hover
 
     cp, hv = outputs
-    return hover.loss(cp, hv, batch["foreground"], batch["hv"])
+    return hover.loss(cp, hv, batch["foreground"], batch["hv"], weights=batch.get("hv_weight"))
 
 
 # --------------------------------------------------------------------------- 3. prediction for validation
@@ -895,7 +906,7 @@ def train_stream(
     if config.patch_sampling == "size":  # decodes every image once; the cache keeps them
         shapes = [patches.load(index)[1].shape for index in range(len(train_samples))]
         patches.repeats = datasets.size_repeats(shapes)
-    data = StreamDataset(patches, config.stream, config.n_rays)
+    data = StreamDataset(patches, config.stream, config.n_rays, config.contact_weight)
     if config.num_workers:  # decode every image once here: forked workers inherit the cache
         for index in range(len(train_samples)):
             patches.load(index)

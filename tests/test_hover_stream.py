@@ -278,6 +278,89 @@ def test_loss_input_errors():
     assert torch.isfinite(hover.loss(cp, pred_hv, torch.zeros(1, 1, 8, 8, dtype=torch.bool), hv))
 
 
+# --------------------------------------------------------------------------- weights at the contacts
+
+
+def test_contact_weights_peak_where_cells_touch_and_fall_off_with_distance():
+    labels = np.zeros((24, 40), np.int32)
+    labels[4:20, 4:16], labels[4:20, 16:28] = 1, 2  # touching along column 15 | 16
+    labels[4:20, 31:38] = 3  # two pixels of background from cell 2: not a contact
+    weights = hover.contact_weights(labels, 4.0, sigma=2.0)
+    assert weights.shape == labels.shape and weights.dtype == np.float32
+    np.testing.assert_allclose(weights[4:20, 15:17], 5.0)  # both sides of the contact
+    # 1 + w exp(-d^2 / 2 sigma^2) along a row, d from the nearest contact column
+    d = np.minimum(np.abs(np.arange(40) - 15), np.abs(np.arange(40) - 16))
+    np.testing.assert_allclose(weights[10], 1 + 4.0 * np.exp(-(d**2) / 8.0), rtol=1e-6)
+    assert weights[10, 34] == pytest.approx(1.0, abs=1e-6)  # the lone cell is far from it
+    # the corner of the contact column: the distance is diagonal beyond its ends
+    assert weights[1, 15] == pytest.approx(1 + 4.0 * np.exp(-9 / 8.0), rel=1e-6)
+
+
+def test_contact_weights_are_one_without_contacts_or_weight():
+    separate = np.zeros((16, 16), np.int32)
+    separate[2:7, 2:7], separate[9:14, 9:14] = 1, 2
+    assert np.array_equal(hover.contact_weights(separate, 4.0), np.ones((16, 16), np.float32))
+    touching = np.zeros((16, 16), np.int32)
+    touching[2:14, 2:8], touching[2:14, 8:14] = 1, 7
+    assert np.array_equal(hover.contact_weights(touching, 0.0), np.ones((16, 16), np.float32))
+    assert hover.contact_weights(touching, 4.0).max() == pytest.approx(5.0)
+    # a vertical neighbour counts as well as a horizontal one
+    assert hover.contact_weights(touching.T, 4.0).max() == pytest.approx(5.0)
+    assert np.array_equal(
+        hover.contact_weights(touching, 4.0).T, hover.contact_weights(touching.T, 4.0)
+    )
+
+
+def test_contact_weights_input_errors():
+    labels = np.zeros((8, 8), np.int32)
+    for weight in (-1.0, float("inf"), float("nan"), True, "4"):
+        with pytest.raises(CellSegError, match="weight: expected a non-negative number"):
+            hover.contact_weights(labels, weight)
+    for sigma in (0.0, -1.0, float("inf"), None):
+        with pytest.raises(CellSegError, match="sigma: expected a positive number"):
+            hover.contact_weights(labels, 1.0, sigma=sigma)
+    with pytest.raises(CellSegError, match="labels"):
+        hover.contact_weights(np.zeros((2, 8, 8)), 1.0)
+
+
+def test_weighted_loss_moves_the_emphasis_of_the_hv_terms_only():
+    torch.manual_seed(0)
+    cp = torch.randn(1, 2, 64, 64)
+    _, labels = synthetic.make_image(3, size=(64, 64), seed=2)
+    fg, hv = hover.targets(labels)
+    fg_t, hv_t = torch.as_tensor(fg)[None], torch.as_tensor(hv)[None]
+    pred = hv_t + 0.1 * torch.randn(1, 2, 64, 64)
+    plain = hover.loss_terms(cp, pred, fg_t, hv_t)
+    ones = hover.loss_terms(cp, pred, fg_t, hv_t, weights=torch.ones(1, 64, 64))
+    for a, b in zip(plain, ones, strict=True):
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    # an error on one pixel only: its weight sets how much of the weighted mean it takes
+    wrong = hv_t.clone()
+    row, col = map(int, np.argwhere(fg > 0)[0])
+    wrong[0, 0, row, col] += 1.0
+    weights = torch.ones(1, 64, 64)
+    weights[0, row, col] = 9.0
+    weighted = hover.loss_terms(cp, wrong, fg_t, hv_t, weights=weights[:, None])  # (B, 1, H, W)
+    assert float(weighted.mse) == pytest.approx(9.0 / (2 * (64 * 64 + 8)), rel=1e-5)
+    unweighted = hover.loss_terms(cp, wrong, fg_t, hv_t)
+    assert float(unweighted.mse) == pytest.approx(1.0 / (2 * 64 * 64), rel=1e-5)
+    assert weighted.msge > unweighted.msge
+    assert weighted.ce == unweighted.ce and weighted.dice == unweighted.dice
+    total = hover.loss(cp, wrong, fg_t, hv_t, weights=weights)
+    assert float(total) == pytest.approx(float(sum(weighted)), rel=1e-6)
+
+
+def test_weighted_loss_input_errors():
+    cp, pred_hv = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    fg, hv = np.zeros((1, 8, 8), np.float32), np.zeros((1, 2, 8, 8), np.float32)
+    with pytest.raises(CellSegError, match="weights: expected shape"):
+        hover.loss(cp, pred_hv, fg, hv, weights=np.ones((8, 8)))
+    with pytest.raises(CellSegError, match="weights: expected finite positive"):
+        hover.loss(cp, pred_hv, fg, hv, weights=np.zeros((1, 8, 8)))
+    with pytest.raises(CellSegError, match="weights: expected finite positive"):
+        hover.loss(cp, pred_hv, fg, hv, weights=np.full((1, 8, 8), np.nan))
+
+
 # --------------------------------------------------------------------------- network
 
 

@@ -75,6 +75,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"tta": "yes"}, "tta: expected True, False or None"),
         ({"freeze_batchnorm": "yes"}, "freeze_batchnorm: expected True or False"),
         ({"patch_sampling": "area"}, "patch_sampling: expected one of image, size"),
+        ({"stream": "hover", "contact_weight": -1.0}, "contact_weight: expected a non-negative"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -215,6 +216,24 @@ def test_stream_dataset_computes_targets_of_the_augmented_patch(tiny_data, strea
         foreground, hv = hover.targets(labels)
         assert torch.equal(item["foreground"], torch.from_numpy(foreground))
         assert torch.equal(item["hv"], torch.from_numpy(hv))
+        assert "hv_weight" not in item  # the paper's loss weights every pixel alike
+        weighted = train.StreamDataset(patches, stream, contact_weight=4.0)
+        touching = 0
+        for index in range(len(weighted)):
+            expected = hover.contact_weights(patches[index]["labels"].numpy(), 4.0)
+            assert torch.equal(weighted[index]["hv_weight"], torch.from_numpy(expected))
+            touching += expected.max() == pytest.approx(5.0)
+        assert touching  # some patch has touching cells, so the weights are not all 1
+
+
+def test_contact_weight_changes_the_run_and_travels_in_the_checkpoint(tiny_data, tmp_path):
+    plain, _ = train.train_stream(tiny_data, fast(stream="hover", epochs=1), progress=False)
+    config = fast(stream="hover", epochs=1, contact_weight=4.0)
+    out = tmp_path / "contact.pt"
+    weighted, history = train.train_stream(tiny_data, config, out=out, progress=False)
+    assert all(np.isfinite(history.epoch_loss))
+    assert not same_weights(plain.state_dict(), weighted.state_dict())
+    assert train.load_checkpoint(out).config.contact_weight == 4.0
 
 
 # --------------------------------------------------------------------------- the loop and checkpoints

@@ -48,6 +48,7 @@ from cellseg_lite._errors import CellSegError
 from cellseg_lite.unet import DEFAULT_DECODER, ConvNeXtUNet
 
 __all__ = [
+    "CONTACT_SIGMA",
     "DEFAULT_PRESET",
     "LOSS_SOBEL_SIZE",
     "PRESETS",
@@ -58,6 +59,7 @@ __all__ = [
     "WatershedParams",
     "WatershedSteps",
     "cell_diameter",
+    "contact_weights",
     "foreground_probability",
     "hv_gradients",
     "instances",
@@ -199,6 +201,57 @@ def targets(labels: np.ndarray, *, min_size: int = 0) -> HoverTargets:
     return HoverTargets(foreground, hv)
 
 
+#: Width (pixels, the Gaussian's sigma) of the band around contacts that :func:`contact_weights`
+#: weights up.
+CONTACT_SIGMA = 2.0
+
+
+def contact_weights(
+    labels: np.ndarray, weight: float, *, sigma: float = CONTACT_SIGMA
+) -> np.ndarray:
+    """Per-pixel weights ``(H, W)`` float32 for the HV terms of the loss, high where cells touch.
+
+    Where two cells touch, their HV maps must jump from +1 to -1 within a pixel or two; a network
+    that draws the jump too soft gives the watershed no boundary, and the two cells come out as
+    one (the largest kind of error of the trained segmenters, ``benchmarks/bench_errors.py``).
+    These weights are ``1 + weight * exp(-d**2 / (2 sigma**2))``, with ``d`` the distance to the
+    nearest *contact* pixel (a cell pixel with a 4-neighbour in another cell): the weighting of
+    Ronneberger et al.'s U-Net (2015) for the gaps between cells, moved onto the contacts, since
+    here the HV maps, not the foreground, separate touching cells. 1 everywhere when no two cells
+    touch. The paper's loss is unweighted (``weight=0``).
+
+    >>> labels = np.zeros((1, 6), np.int32); labels[0, 1:3], labels[0, 3:5] = 1, 2
+    >>> contact_weights(labels, 4.0, sigma=1.0).round(2)
+    array([[1.54, 3.43, 5.  , 5.  , 3.43, 1.54]], dtype=float32)
+    """
+    labels = as_labels(labels, "labels")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, numbers.Real)
+        or not (0.0 <= weight < math.inf)
+    ):
+        raise CellSegError(f"weight: expected a non-negative number, got {weight!r}")
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, numbers.Real)
+        or not (0.0 < sigma < math.inf)
+    ):
+        raise CellSegError(f"sigma: expected a positive number, got {sigma!r}")
+    contact = np.zeros(labels.shape, bool)
+    for axis in (0, 1):
+        ahead = [slice(None), slice(None)]
+        behind = list(ahead)
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        a, b = labels[tuple(ahead)], labels[tuple(behind)]
+        touching = (a > 0) & (b > 0) & (a != b)
+        contact[tuple(ahead)] |= touching
+        contact[tuple(behind)] |= touching
+    if weight == 0 or not contact.any():
+        return np.ones(labels.shape, np.float32)
+    distance = ndi.distance_transform_edt(~contact)
+    return (1.0 + weight * np.exp(-(distance**2) / (2.0 * sigma**2))).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- 3. gradients and loss
 
 
@@ -318,7 +371,9 @@ def _check_loss_inputs(pred_cp, pred_hv, foreground, hv):
     return foreground, hv
 
 
-def loss_terms(pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv) -> LossTerms:
+def loss_terms(
+    pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv, *, weights=None
+) -> LossTerms:
     """The HoVer loss, term by term: CE and Dice on the CP map, MSE and MSGE on the HV maps.
 
     ``pred_cp`` are ``(B, 2, H, W)`` logits, ``pred_hv`` ``(B, 2, H, W)``; ``foreground``
@@ -331,6 +386,10 @@ def loss_terms(pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv) -> 
     - ``mse``: mean squared error of the HV maps over every pixel and both channels;
     - ``msge``: mean squared error of :func:`hv_gradients` (x derivative of the horizontal map,
       y derivative of the vertical one) over the cell pixels only; 0 on a patch with no cell.
+
+    ``weights`` ``(B, H, W)`` (optional, e.g. stacked :func:`contact_weights`) turns ``mse`` and
+    ``msge`` into means weighted per pixel, each divided by its sum of weights, so that a term
+    keeps its scale and only the emphasis moves; ``None`` (the paper) weights every pixel alike.
     """
     foreground, hv = _check_loss_inputs(pred_cp, pred_hv, foreground, hv)
     ce = F.cross_entropy(pred_cp, foreground.long())
@@ -339,20 +398,41 @@ def loss_terms(pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv) -> 
     inter = (prob * onehot).sum(dim=(0, 2, 3))
     total = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     dice = (1.0 - (2.0 * inter + _DICE_SMOOTH) / (total + _DICE_SMOOTH)).sum()
-    mse = F.mse_loss(pred_hv, hv)
     error = (hv_gradients(pred_hv) - hv_gradients(hv)) ** 2
     focus = foreground[:, None]
+    if weights is None:
+        mse = F.mse_loss(pred_hv, hv)
+    else:
+        weights = _check_weights(weights, foreground)
+        mse = ((pred_hv - hv) ** 2 * weights).sum() / (2.0 * weights.sum())
+        focus = focus * weights
     msge = (error * focus).sum() / (2.0 * focus.sum()).clamp_min(1.0)
     return LossTerms(ce, dice, mse, msge)
 
 
-def loss(pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv) -> torch.Tensor:
+def _check_weights(weights, foreground: torch.Tensor) -> torch.Tensor:
+    weights = _as_target(weights, foreground, "weights")
+    if weights.ndim == 4 and weights.shape[1] == 1:
+        weights = weights[:, 0]
+    if weights.shape != foreground.shape:
+        raise CellSegError(
+            f"weights: expected shape {tuple(foreground.shape)} to match the predictions, "
+            f"got {tuple(weights.shape)}"
+        )
+    if not (torch.isfinite(weights).all() and (weights > 0).all()):
+        raise CellSegError("weights: expected finite positive values")
+    return weights[:, None]
+
+
+def loss(
+    pred_cp: torch.Tensor, pred_hv: torch.Tensor, foreground, hv, *, weights=None
+) -> torch.Tensor:
     """The HoVer training loss, CE + Dice + MSE + MSGE (weights 1), a scalar tensor.
 
-    See :func:`loss_terms` for shapes and for each term. Finite, with finite gradients, on a
-    patch without cells.
+    See :func:`loss_terms` for shapes, for each term and for the optional per-pixel ``weights``
+    of the HV terms. Finite, with finite gradients, on a patch without cells.
     """
-    return loss_terms(pred_cp, pred_hv, foreground, hv).total
+    return loss_terms(pred_cp, pred_hv, foreground, hv, weights=weights).total
 
 
 # --------------------------------------------------------------------------- 4. post-processing
