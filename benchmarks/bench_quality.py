@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         help="patches per image per epoch: one each, or in proportion to the image's side "
         "(another than the preset's writes its own section)",
     )
+    parser.add_argument(
+        "--contact-weight",
+        type=float,
+        default=train.preset("lite").contact_weight,
+        help="HoVer loss weighted up where cells touch (TrainConfig.contact_weight; another "
+        "than the preset's writes its own section)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -111,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=args.work / "stages",
         seed=args.seed,
         pretrained=args.pretrained,
-        changes={"decoder": args.decoder, "patch_sampling": args.patch_sampling},
+        changes={
+            "decoder": args.decoder,
+            "patch_sampling": args.patch_sampling,
+            "contact_weight": args.contact_weight,
+        },
         progress=False,
         log=lambda message: print(message, flush=True),
     )
@@ -220,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if not default_sampling:
         options += f" --patch-sampling {args.patch_sampling}"
         more += f", patches per image in proportion to its side (`patch_sampling={args.patch_sampling!r}`)"
+    default_contact = args.contact_weight == train.preset("lite").contact_weight
+    if not default_contact:
+        options += f" --contact-weight {args.contact_weight:g}"
+        more += f", the HoVer loss weighted up where cells touch (`contact_weight={args.contact_weight:g}`)"
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training{more}
 
 **Training data**: the 156 real-mini TRAIN images and {4 * args.synthetic} synthetic images
@@ -276,6 +291,8 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
             key += f"_{args.decoder}_decoder"
         if not default_sampling:
             key += f"_{args.patch_sampling}_sampling"
+        if not default_contact:
+            key += f"_contact{args.contact_weight:g}"
         write_section(key, section)
     return 0
 
