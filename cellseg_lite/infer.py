@@ -848,7 +848,12 @@ MULTISTREAM_FORMAT = "cellseg-lite-multistream"
 _MULTISTREAM_LAYOUT = 1
 #: Watershed settings (:class:`cellseg_lite.streams.hover.WatershedParams`) that a HoVer model's
 #: tuned thresholds may carry besides ``prob_thresh``.
-HOVER_TUNED = ("marker_threshold", "marker_min_fraction", "foreground_min_fraction")
+HOVER_TUNED = (
+    "marker_threshold",
+    "marker_min_fraction",
+    "foreground_min_fraction",
+    "marker_min_prob",
+)
 
 
 def hover_settings(thresholds: dict) -> dict:

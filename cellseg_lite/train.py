@@ -57,6 +57,7 @@ __all__ = [
     "History",
     "StreamDataset",
     "TrainConfig",
+    "best_thresholds",
     "build_model",
     "cpu_has_bf16",
     "default_preset",
@@ -463,6 +464,30 @@ def _threshold_grid(stream: str) -> list[dict]:
     ]
 
 
+#: Least cell probabilities of a HoVer marker pixel (``WatershedParams.marker_min_prob``) that
+#: tuning tries on top of the grid's best candidate: a network is least sure of the pixels where
+#: two cells meet, and markers kept off them split cells that the HV maps draw as one. Tuned per
+#: class on the selection split, they raised two trained segmenters' real-mini VAL F1 by 0.014 and
+#: 0.009 and lowered the share of merged cells (benchmarks/bench_postprocess.py --compare
+#: confident, in RESULTS.md).
+HOVER_MARKER_PROBS = (0.9, 0.95, 0.99)
+
+
+def _threshold_refinements(stream: str) -> list[dict]:
+    return [{"marker_min_prob": q} for q in HOVER_MARKER_PROBS] if stream == "hover" else []
+
+
+def best_thresholds(model: nn.Module, stream: str, val, *, tta: bool = False) -> tuple[float, dict]:
+    """The post-processing thresholds best on ``val`` ``(stem, image [0, 1], labels)``, and their
+    mean challenge F1: the stream's grid (probability threshold; for HoVer also the marker
+    threshold and the size floors), then for HoVer the best candidate with markers only on
+    confident pixels (:data:`HOVER_MARKER_PROBS`), kept where it scores higher. One prediction
+    per image (:func:`evaluate_stream`)."""
+    return evaluate_stream(
+        model, stream, val, _threshold_grid(stream), tta=tta, refine=_threshold_refinements(stream)
+    )
+
+
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Whole validation images as ``(stem, network input (H, W, 3) in [0, 1], labels)``."""
     from cellseg_lite.datasets import load_sample
@@ -481,11 +506,14 @@ def evaluate_stream(
     thresholds: dict | Sequence[dict] | None = None,
     *,
     tta: bool | None = None,
+    refine: Sequence[dict] = (),
 ) -> tuple[float, dict]:
     """Mean challenge F1 of a stream on whole images ``(stem, image [0, 1], labels)``.
 
     With a list of thresholds, each is tried on the same predicted maps and the best one is
-    returned with its F1 (the threshold optimisation stardist does on validation data). ``tta``:
+    returned with its F1 (the threshold optimisation stardist does on validation data). Each dict
+    of ``refine`` is then tried on top of that best one (``{**best, **change}``, same maps), and
+    the best of these replaces it only where it scores higher. ``tta``:
     predict flip-averaged maps (:func:`predict_maps`); the thresholds returned then carry
     ``"tta": True``, which the segmenter follows. ``None``: what a single thresholds dict says
     (its ``"tta"`` entry), else plain maps.
@@ -502,18 +530,41 @@ def evaluate_stream(
     was_training = model.training
     model.eval()
     scores = np.zeros((len(candidates), len(val)))
+    kept_maps = []  # for the refinements, which need the best candidate first
     try:
         for j, (_, image, labels) in enumerate(val):
             maps = predict_maps(model, image, tta=tta)
             for i, setting in enumerate(candidates):
                 scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
+            if refine:
+                kept_maps.append(maps)
     finally:
         model.train(was_training)
-    best = int(np.argmax(scores.mean(axis=1))) if len(val) else 0
-    chosen = {k: v for k, v in candidates[best].items() if k != "tta"}
+    if not len(val):
+        return float("nan"), _chosen(candidates[0], tta)
+    best = int(np.argmax(scores.mean(axis=1)))
+    chosen, f1 = dict(candidates[best]), float(scores[best].mean())
+    best_refined = None
+    for change in refine:
+        refined = {**chosen, **change}
+        score = float(
+            np.mean(
+                [
+                    metrics.f1_score(labels, segment_maps(stream, maps, refined))
+                    for (_, _, labels), maps in zip(val, kept_maps, strict=True)
+                ]
+            )
+        )
+        if score > f1:
+            best_refined, f1 = refined, score
+    return f1, _chosen(best_refined or chosen, tta)
+
+
+def _chosen(thresholds: dict, tta: bool) -> dict:
+    chosen = {k: v for k, v in thresholds.items() if k != "tta"}
     if tta:
         chosen["tta"] = True
-    return (float(scores[best].mean()) if len(val) else float("nan")), chosen
+    return chosen
 
 
 # --------------------------------------------------------------------------- 4. checkpoints
@@ -851,8 +902,8 @@ def train_stream(
     ``samples``: a challenge-layout folder or a list of :class:`cellseg_lite.datasets.Sample`;
     ``val``: the same for validation (whole images, challenge F1 every ``config.val_every``
     epochs; the best epoch's weights are kept and, with ``tune_thresholds``, the post-processing
-    thresholds that maximise validation F1 are stored with them: the probability threshold, and
-    HoVer's marker threshold). With ``config.ema_decay`` the moving average of the weights is
+    thresholds that maximise validation F1 are stored with them (:func:`best_thresholds`: the
+    probability threshold, and HoVer's marker threshold, size floors and least marker probability). With ``config.ema_decay`` the moving average of the weights is
     what is validated, kept and returned; the resume state holds the raw weights and the average. ``config``: a
     :class:`TrainConfig` (default: :func:`default_preset`). ``out``: the checkpoint, rewritten
     atomically after every epoch, so a stopped run can continue with ``resume=out``.
@@ -1133,12 +1184,8 @@ def train_stream(
         last_state = _model_state(model)
         model.load_state_dict(export)
         if val_images and is_main and tune_thresholds:
-            history.best_f1, thresholds = evaluate_stream(
-                model,
-                config.stream,
-                val_images,
-                _threshold_grid(config.stream),
-                tta=uses_tta(config),
+            history.best_f1, thresholds = best_thresholds(
+                model, config.stream, val_images, tta=uses_tta(config)
             )
     history.thresholds = dict(thresholds)
     if last_state is not None:  # the resume state continues from the last weights, not the best
@@ -1469,9 +1516,7 @@ def train_multistream(
         class_images = {c: _load_val(val_by_class[c]) for c in range(4) if val_by_class[c]}
         for c, images in class_images.items():
             class_scores[c] = {
-                stream: evaluate_stream(
-                    ckpt.model, stream, images, _threshold_grid(stream), tta=uses_tta(ckpt.config)
-                )
+                stream: best_thresholds(ckpt.model, stream, images, tta=uses_tta(ckpt.config))
                 for stream, ckpt in pretrained.items()
             }
             # a tie (say 0 against 0 after a short probe) goes to the better stream overall
@@ -1512,11 +1557,10 @@ def train_multistream(
         for c in class_scores:
             stream = routing_table[c]
             if stream in continued:
-                class_scores[c][stream] = evaluate_stream(
+                class_scores[c][stream] = best_thresholds(
                     pretrained[stream].model,
                     stream,
                     class_images[c],
-                    _threshold_grid(stream),
                     tta=uses_tta(pretrained[stream].config),
                 )
 
@@ -1529,11 +1573,10 @@ def train_multistream(
         if c in class_scores:
             before, before_thresholds = class_scores[c][stream]
         else:
-            before, before_thresholds = evaluate_stream(
+            before, before_thresholds = best_thresholds(
                 pretrained[stream].model,
                 stream,
                 _load_val(val_by_class[c]),
-                _threshold_grid(stream),
                 tta=uses_tta(pretrained[stream].config),
             )
         path = work_dir / f"{stream}_class{c}.pt"

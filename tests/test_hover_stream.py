@@ -278,6 +278,24 @@ def test_loss_input_errors():
     assert torch.isfinite(hover.loss(cp, pred_hv, torch.zeros(1, 1, 8, 8, dtype=torch.bool), hv))
 
 
+def test_markers_only_where_confident_split_cells_the_hv_maps_merge():
+    # two touching squares whose HV maps were drawn as one cell (no jump between them), while
+    # the cell probability dips to 0.7 on their shared edge: a network's usual doubt there
+    labels = np.zeros((32, 48), np.int32)
+    labels[6:26, 4:24], labels[6:26, 24:44] = 1, 2
+    _, merged_hv = hover.targets((labels > 0).astype(np.int32))
+    prob = (labels > 0).astype(np.float32)
+    prob[6:26, 23:25] = 0.7
+    anywhere = hover.watershed_steps(prob, merged_hv, 0.6)
+    assert anywhere.labels.max() == 1 and anywhere.foreground[6:26, 23:25].all()
+    confident = hover.watershed_steps(prob, merged_hv, 0.6, marker_min_prob=0.9)
+    assert confident.markers.max() == 2 and confident.labels.max() == 2
+    assert np.array_equal(confident.foreground, anywhere.foreground)  # only the markers change
+    assert metrics.f1_score(labels, confident.labels, drop_boundary=False) == 1.0
+    # 0 is the default: markers anywhere on the foreground
+    assert np.array_equal(hover.instances(prob, merged_hv, marker_min_prob=0.0), anywhere.labels)
+
+
 # --------------------------------------------------------------------------- weights at the contacts
 
 
@@ -498,6 +516,8 @@ def test_instances_input_errors():
         hover.instances(prob, hv, energy="max")
     with pytest.raises(CellSegError, match="marker_min_fraction: expected a number"):
         hover.instances(prob, hv, marker_min_fraction=2)
+    with pytest.raises(CellSegError, match="marker_min_prob: expected a number"):
+        hover.instances(prob, hv, marker_min_prob=1.5)
     with pytest.raises(CellSegError, match="marker_threshold: expected a number"):
         hover.instances(prob, hv, marker_threshold=np.nan)
     with pytest.raises(CellSegError, match="opening_size: expected an integer"):

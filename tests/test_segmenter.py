@@ -210,7 +210,7 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
 
     seen = []
     original = hover.instances
-    tuned_names = ("marker_threshold", "marker_min_fraction", "foreground_min_fraction")
+    tuned_names = infer.HOVER_TUNED
     monkeypatch.setattr(
         hover,
         "instances",
@@ -221,6 +221,7 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
         "marker_threshold": 0.25,
         "marker_min_fraction": 0.1,
         "foreground_min_fraction": 0.05,
+        "marker_min_prob": 0.95,
     }
     tuned = hv._replace(thresholds={"prob_thresh": 0.6, **settings})
     segmenter = infer.MultiStreamSegmenter(
@@ -231,10 +232,10 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
     maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0)
     train.segment_maps("hover", maps, tuned.thresholds)
     train.segment_maps("hover", maps, {"prob_thresh": 0.6})
-    assert seen == [(0.25, 0.1, 0.05), (0.25, 0.1, 0.05), (None, None, None)]
+    assert seen == [(0.25, 0.1, 0.05, 0.95), (0.25, 0.1, 0.05, 0.95), (None,) * 4]
     assert infer.hover_settings({"prob_thresh": 0.6, **settings, "x": 1}) == settings
     grid = train._threshold_grid("hover")
-    assert all(set(tuned_names) <= set(candidate) for candidate in grid)
+    assert all(set(tuned_names) - {"marker_min_prob"} <= set(candidate) for candidate in grid)
     floors = {(t["marker_min_fraction"], t["foreground_min_fraction"]) for t in grid}
     assert len(floors) == len(train.HOVER_SIZE_FLOORS) > 1
 

@@ -448,6 +448,44 @@ def test_bad_arguments_are_refused(tiny_data, tmp_path):
         train.train_stream(tmp_path / "nowhere", fast(), progress=False)
 
 
+def test_hover_tuning_keeps_markers_off_doubtful_pixels_where_that_scores_higher(monkeypatch):
+    from cellseg_lite.streams import hover
+
+    # two touching squares whose HV maps were drawn as one cell, the cell probability 0.85 on
+    # their shared edge (above every probability threshold of the grid): no grid candidate
+    # separates them, markers on confident pixels do
+    labels = np.zeros((64, 64), np.int32)
+    labels[12:44, 8:32], labels[12:44, 32:56] = 1, 2
+    prob = (labels > 0).astype(np.float32)
+    prob[12:44, 31:33] = 0.85
+    merged_maps = np.concatenate([prob[None], hover.targets((labels > 0).astype(np.int32)).hv])
+    split_maps = np.concatenate([prob[None], hover.targets(labels).hv])  # the jump is drawn
+    grid = train._threshold_grid("hover")
+    assert max(t["prob_thresh"] for t in grid) < 0.85 < min(train.HOVER_MARKER_PROBS)
+    predicted = []
+
+    def predict(model, image, **kwargs):
+        predicted.append(image)
+        return split_maps if image.mean() > 0.5 else merged_maps
+
+    monkeypatch.setattr(train, "predict_maps", predict)
+    model = torch.nn.Linear(1, 1)
+    merged = [("a", np.zeros((64, 64, 3), np.float32), labels)]
+    f1, chosen = train.best_thresholds(model, "hover", merged)
+    # the first that scores higher; the others only tie
+    assert f1 == 1.0 and chosen["marker_min_prob"] == min(train.HOVER_MARKER_PROBS)
+    assert {k: v for k, v in chosen.items() if k != "marker_min_prob"} in grid
+    grid_f1, _ = train.evaluate_stream(model, "hover", merged, grid)
+    assert grid_f1 <= 2 / 3  # one object for two cells: one of them matched at best
+    assert len(predicted) == 2  # one prediction per image, refinements included
+    # where the grid already scores best, its candidate stays as it is
+    split = [("b", np.ones((64, 64, 3), np.float32), labels)]
+    f1, chosen = train.best_thresholds(model, "hover", split)
+    assert f1 == 1.0 and "marker_min_prob" not in chosen
+    # StarDist has no markers: its grid alone
+    assert train._threshold_refinements("stardist") == []
+
+
 # --------------------------------------------------------------------------- DistributedDataParallel
 
 

@@ -460,7 +460,10 @@ class WatershedParams:
     ``sobel_size`` is the kernel size (odd, 3-31) or ``None`` for ``kernel_fraction`` of the
     typical diameter along each axis (scale-aware). Markers are the foreground pixels with
     energy below ``marker_threshold``, optionally with holes filled (``fill_holes``) and opened
-    by OpenCV's ``opening_size`` ellipse (0: none); markers smaller than ``marker_min_size``
+    by OpenCV's ``opening_size`` ellipse (0: none), and only where the cell probability is at
+    least ``marker_min_prob`` (0: anywhere on the foreground; a network is least sure of the
+    pixels where two cells meet, so a high value keeps their markers apart); markers smaller
+    than ``marker_min_size``
     pixels or ``marker_min_fraction`` of the typical cell area are dropped, and so are foreground
     components below ``foreground_min_size`` / ``foreground_min_fraction``. The watershed floods
     ``-(1 - energy) * foreground`` blurred by a ``blur_size`` x ``blur_size`` Gaussian with
@@ -474,6 +477,7 @@ class WatershedParams:
     marker_threshold: float
     marker_min_size: int = 0
     marker_min_fraction: float = 0.0
+    marker_min_prob: float = 0.0
     foreground_min_size: int = 0
     foreground_min_fraction: float = 0.0
     kernel_fraction: float = 0.25
@@ -566,6 +570,7 @@ def _check_params(p: WatershedParams) -> None:
     number("kernel_fraction", 0.0)
     number("marker_threshold", -math.inf)
     number("marker_min_fraction", 0.0, 1.0)
+    number("marker_min_prob", 0.0, 1.0)
     number("foreground_min_fraction", 0.0, 1.0)
     for name in ("marker_min_size", "foreground_min_size", "opening_size", "blur_size"):
         _check_min_size(getattr(p, name), name)
@@ -729,7 +734,8 @@ def watershed_steps(
     1. foreground = ``foreground_prob >= prob_thresh``, small components removed;
     2. derivatives of the HV maps (x of the horizontal map, y of the vertical one) and from
        them an energy that is high where a map falls, i.e. on boundaries between cells;
-    3. markers = foreground minus (energy >= ``marker_threshold``), cleaned, small ones dropped;
+    3. markers = foreground minus (energy >= ``marker_threshold``), optionally only where
+       ``foreground_prob >= marker_min_prob``, cleaned, small ones dropped;
     4. watershed of the energy landscape from the markers, inside the foreground.
 
     ``preset`` names an entry of :data:`PRESETS` (or is a :class:`WatershedParams`); keyword
@@ -772,6 +778,8 @@ def watershed_steps(
     energy = np.where(foreground, np.maximum(energy, 0.0), 0.0).astype(np.float32)
 
     seeds = foreground & (energy < p.marker_threshold)
+    if p.marker_min_prob > 0:
+        seeds &= prob >= p.marker_min_prob
     if p.fill_holes:
         seeds = ndi.binary_fill_holes(seeds)
     if p.opening_size > 1:
