@@ -467,9 +467,9 @@ def _threshold_grid(stream: str) -> list[dict]:
 #: Least cell probabilities of a HoVer marker pixel (``WatershedParams.marker_min_prob``) that
 #: tuning tries on top of the grid's best candidate: a network is least sure of the pixels where
 #: two cells meet, and markers kept off them split cells that the HV maps draw as one. Tuned per
-#: class on the selection split, they raised two trained segmenters' real-mini VAL F1 by 0.014 and
-#: 0.009 and lowered the share of merged cells (benchmarks/bench_postprocess.py --compare
-#: confident, in RESULTS.md).
+#: class on the selection split of three trained segmenters, they changed real-mini VAL F1 by
+#: +0.014, +0.012 and 0.000 and never raised the share of merged cells
+#: (benchmarks/bench_postprocess.py --compare confident, in RESULTS.md).
 HOVER_MARKER_PROBS = (0.9, 0.95, 0.99)
 
 
@@ -527,37 +527,41 @@ def evaluate_stream(
     )
     if tta is None:
         tta = isinstance(thresholds, dict) and bool(thresholds.get("tta", False))
+    if not len(val):
+        return float("nan"), _chosen(candidates[0], tta)
     was_training = model.training
     model.eval()
-    scores = np.zeros((len(candidates), len(val)))
-    kept_maps = []  # for the refinements, which need the best candidate first
+    kept_maps, kept_bytes = [], 0  # for the refinements, which need the best candidate first
     try:
+        scores = np.zeros((len(candidates), len(val)))
         for j, (_, image, labels) in enumerate(val):
             maps = predict_maps(model, image, tta=tta)
             for i, setting in enumerate(candidates):
                 scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
-            if refine:
+            kept_bytes += maps.nbytes
+            if refine and kept_bytes <= _KEPT_MAPS_BYTES:
                 kept_maps.append(maps)
+        best = int(np.argmax(scores.mean(axis=1)))
+        chosen, f1 = dict(candidates[best]), float(scores[best].mean())
+        refined = [{**chosen, **change} for change in refine]
+        refined_scores = np.zeros((len(refined), len(val)))
+        for j, (_, image, labels) in enumerate(val if refined else ()):
+            # predicted again only where keeping every image's maps would take too much memory
+            maps = kept_maps[j] if j < len(kept_maps) else predict_maps(model, image, tta=tta)
+            for i, setting in enumerate(refined):
+                refined_scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
     finally:
         model.train(was_training)
-    if not len(val):
-        return float("nan"), _chosen(candidates[0], tta)
-    best = int(np.argmax(scores.mean(axis=1)))
-    chosen, f1 = dict(candidates[best]), float(scores[best].mean())
-    best_refined = None
-    for change in refine:
-        refined = {**chosen, **change}
-        score = float(
-            np.mean(
-                [
-                    metrics.f1_score(labels, segment_maps(stream, maps, refined))
-                    for (_, _, labels), maps in zip(val, kept_maps, strict=True)
-                ]
-            )
-        )
-        if score > f1:
-            best_refined, f1 = refined, score
-    return f1, _chosen(best_refined or chosen, tta)
+    for setting, score in zip(refined, refined_scores.mean(axis=1), strict=True):
+        if score > f1:  # a refinement replaces the grid's best only where it scores higher
+            chosen, f1 = setting, float(score)
+    return f1, _chosen(chosen, tta)
+
+
+#: Memory that :func:`evaluate_stream` may spend on keeping predicted maps for its refinements
+#: (1 GiB: about 90 images of 1000 x 1000 with HoVer's three maps); beyond it they are
+#: predicted again.
+_KEPT_MAPS_BYTES = 2**30
 
 
 def _chosen(thresholds: dict, tta: bool) -> dict:

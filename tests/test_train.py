@@ -478,6 +478,10 @@ def test_hover_tuning_keeps_markers_off_doubtful_pixels_where_that_scores_higher
     grid_f1, _ = train.evaluate_stream(model, "hover", merged, grid)
     assert grid_f1 <= 2 / 3  # one object for two cells: one of them matched at best
     assert len(predicted) == 2  # one prediction per image, refinements included
+    # where keeping the maps would take too much memory, the refinements predict them again
+    monkeypatch.setattr(train, "_KEPT_MAPS_BYTES", 0)
+    assert train.best_thresholds(model, "hover", merged) == (f1, chosen)
+    assert len(predicted) == 2 + 2
     # where the grid already scores best, its candidate stays as it is
     split = [("b", np.ones((64, 64, 3), np.float32), labels)]
     f1, chosen = train.best_thresholds(model, "hover", split)
