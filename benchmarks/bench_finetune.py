@@ -48,9 +48,7 @@ def score(model, stream: str, selection: list, val: list, tta: bool) -> tuple[fl
     """Challenge F1 on the selection images at the thresholds best there, and on ``val`` at those."""
     from cellseg_lite import train
 
-    f1, thresholds = train.evaluate_stream(
-        model, stream, selection, train._threshold_grid(stream), tta=tta
-    )
+    f1, thresholds = train.best_thresholds(model, stream, selection, tta=tta)  # as train does
     return f1, train.evaluate_stream(model, stream, val, [thresholds], tta=tta)[0]
 
 

@@ -15,8 +15,9 @@ weights:
   best weights, as it did in the run;
 
 and scores it beside the segmenter the run wrote (best epochs), on the real-mini VAL split and
-the held-out synthetic set, with the same router, post-processing grid and second pass for small
-cells. Same training runs in both rows: the difference is the choice of weights alone.
+the held-out synthetic set, with the same router, post-processing tuning
+(:func:`~cellseg_lite.train.best_thresholds`, which the runs' own tuning used from a83a25e on;
+earlier runs were tuned over the grid alone) and second pass for small cells. Same training runs in both rows: the difference is the choice of weights alone.
 
     .venv/bin/python benchmarks/bench_quality.py --routing hover --seed 7 --work runs/hover_s7
     .venv/bin/python benchmarks/bench_keep.py --work runs/hover_s7 --seed 7   # ~3 min a run
@@ -107,9 +108,7 @@ def keep_last(work: Path, seed: int, real):
         best = train.load_checkpoint(path)
         last = last_weights(best)
         tta = train.uses_tta(last.config)
-        f1, thresholds = train.evaluate_stream(
-            last.model, stream, loaded, train._threshold_grid(stream), tta=tta
-        )
+        f1, thresholds = train.best_thresholds(last.model, stream, loaded, tta=tta)
         pretrained[stream] = last._replace(thresholds=thresholds)
         notes.append(
             f"`{stream}_all.pt`: {stage_history(best)}; last weights on the selection images "
@@ -122,14 +121,14 @@ def keep_last(work: Path, seed: int, real):
         path = stages / f"{stream}_class{c}.pt"
         if not path.is_file():  # not fine-tuned: the pre-trained model with the shared thresholds
             continue
-        grid, tta = train._threshold_grid(stream), train.uses_tta(pretrained[stream].config)
-        before, before_thresholds = train.evaluate_stream(
-            pretrained[stream].model, stream, by_class[c], grid, tta=tta
+        tta = train.uses_tta(pretrained[stream].config)
+        before, before_thresholds = train.best_thresholds(
+            pretrained[stream].model, stream, by_class[c], tta=tta
         )
         tuned = train.load_checkpoint(path)
         tuned_last = last_weights(tuned)
-        after, after_thresholds = train.evaluate_stream(
-            tuned_last.model, stream, by_class[c], grid, tta=tta
+        after, after_thresholds = train.best_thresholds(
+            tuned_last.model, stream, by_class[c], tta=tta
         )
         kept = after > before
         if kept:
@@ -224,8 +223,9 @@ also hold the last weights, so the segmenter of last weights is rebuilt from the
 pre-trained last weights with thresholds tuned on all selection images, and each fine-tuned
 class's last weights with thresholds of its own, kept where they beat the pre-trained last
 weights on that class's selection images (the fine-tuning had started from the pre-trained best
-weights). Router, post-processing grid and the second pass for small cells are the same in both
-rows.
+weights). Router, post-processing tuning (`train.best_thresholds`: the grid, then markers on
+confident pixels where that scores higher; the runs' own tuning from a83a25e on, the grid alone
+before) and the second pass for small cells are the same in both rows.
 
 **Real-mini VAL**, challenge F1 (mean of per-image F1):
 
