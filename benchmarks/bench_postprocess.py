@@ -190,11 +190,12 @@ def retune(work: Path, seed: int, real, compare: str):
             out.append((sample.stem, category, labels, maps, image))
         return out
 
-    def f1(labels, maps, thresholds) -> float:
+    def segmented(maps, thresholds) -> np.ndarray:
         fg, hv = maps
-        return metrics.f1_score(
-            labels, train.segment_maps("hover", np.concatenate([fg[None], hv]), thresholds)
-        )
+        return train.segment_maps("hover", np.concatenate([fg[None], hv]), thresholds)
+
+    def f1(labels, maps, thresholds) -> float:
+        return metrics.f1_score(labels, segmented(maps, thresholds))
 
     print(f"{work}: predicting maps", flush=True)
     tuning = prepared(zip(selection, selection_classes, strict=True), routed=False)
@@ -225,14 +226,9 @@ def retune(work: Path, seed: int, real, compare: str):
                 if maps is None:
                     predicted = segmenter.segment(image, category=c)
                 else:
-                    fg, hv = maps[kind]
-                    predicted = train.segment_maps(
-                        "hover", np.concatenate([fg[None], hv]), chosen[name][c]
-                    )
-                kinds = metrics.error_kinds(labels, predicted)
-                # the challenge F1 from the same counts: 2 TP / (true + predicted cells)
-                score = 2 * kinds.tp / max(2 * kinds.tp + kinds.fn + kinds.fp, 1)
-                rows.append((stem, c, score, kinds.merged, kinds.tp + kinds.fn))
+                    predicted = segmented(maps[kind], chosen[name][c])
+                kinds = metrics.error_kinds(labels, predicted)  # and the F1 from the same matching
+                rows.append((stem, c, kinds.f1, kinds.merged, kinds.tp + kinds.fn))
             scores[name, set_name] = rows
             print(f"{name} on {set_name}: {np.mean([r[2] for r in rows]):.3f}", flush=True)
     return scores, chosen, np.bincount(selection_classes, minlength=4).tolist(), seconds

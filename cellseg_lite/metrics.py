@@ -140,7 +140,7 @@ class ErrorKinds(NamedTuple):
 
     "Half" is fixed, whatever the IoU threshold of the matching. ``fn = missed + split +
     merged + outline`` and ``fp = merger + on_cell + background`` are the counts of
-    :class:`Matching`.
+    :class:`Matching`, and ``f1`` its F1.
     """
 
     iou_threshold: float
@@ -160,6 +160,11 @@ class ErrorKinds(NamedTuple):
     @property
     def fp(self) -> int:
         return self.merger + self.on_cell + self.background
+
+    @property
+    def f1(self) -> float:
+        """The challenge F1 of the same matching (:attr:`Matching.f1`), from these counts."""
+        return _matching(self.iou_threshold, self.tp + self.fn, self.tp + self.fp, self.tp, 0.0).f1
 
 
 class FolderReport(NamedTuple):

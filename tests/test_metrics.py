@@ -400,6 +400,7 @@ def test_error_kinds_of_empty_images():
     assert _kinds(metrics.error_kinds(empty, empty)) == {}
     assert _kinds(metrics.error_kinds(cell, empty)) == {"missed": 1}
     assert _kinds(metrics.error_kinds(empty, cell)) == {"background": 1}
+    assert metrics.error_kinds(empty, empty).f1 == metrics.f1_score(empty, empty) == 0.0
 
 
 def test_error_kinds_follow_the_assignment_at_exact_ties():
@@ -423,6 +424,7 @@ def test_error_kinds_add_up_to_the_challenge_counts(seed):
             m = metrics.match(y_true, y_pred, threshold, drop_boundary=drop_boundary)
             assert (k.tp, k.fn, k.fp) == (m.tp, m.fn, m.fp)
             assert k.iou_threshold == threshold
+            assert k.f1 == m.f1
     # _perturb splits, merges, deletes and adds cells: every kind shows up at 0.5
     k = metrics.error_kinds(y_true, y_pred)
     assert k.missed and k.split and k.merged and k.merger and k.on_cell and k.background
