@@ -97,6 +97,7 @@ def compile_section(args, config, device) -> tuple[str, str]:
 
     amp = train._auto_amp(device)
     rows = []
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     for compiled in (False, True):
         # an empty kernel cache, so the first step pays the whole compilation as a new run would
         with tempfile.TemporaryDirectory() as cache:
@@ -106,6 +107,10 @@ def compile_section(args, config, device) -> tuple[str, str]:
                 repeats=args.repeats, compile=compiled,
             )  # fmt: skip
         rows.append((compiled, seconds, first))
+    if previous is None:  # not left pointing at a deleted folder
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
         print(f"compile={compiled}: {seconds:.3f} s/step", flush=True)
     base = rows[0][1]
     precision = "float32" if not amp else ("bf16" if device.type == "cpu" else "mixed precision")
