@@ -366,15 +366,19 @@ def watershed_view(
     prob_thresh: float = 0.6,
     marker_threshold: float | None = None,
     *,
+    marker_min_prob: float | None = None,
     preset="scaled",
     y_true=None,
     drop_boundary: bool = True,
 ):
     """HoVer's watershed (:func:`cellseg_lite.streams.hover.watershed_steps`) at one setting:
-    ``(steps, result)``, the intermediate maps and the scored instances."""
+    ``(steps, result)``, the intermediate maps and the scored instances. ``marker_threshold``
+    and ``marker_min_prob`` override the preset's when given."""
     from cellseg_lite.streams import hover
 
     overrides = {} if marker_threshold is None else {"marker_threshold": marker_threshold}
+    if marker_min_prob is not None:
+        overrides["marker_min_prob"] = marker_min_prob
     steps = hover.watershed_steps(foreground_prob, hv, prob_thresh, preset=preset, **overrides)
     return steps, _score(steps.labels, y_true, drop_boundary)
 
@@ -505,16 +509,19 @@ def explore_watershed(
     y_true=None,
     prob_thresh: float = 0.6,
     marker_threshold: float | None = None,
+    marker_min_prob: float | None = None,
     preset="scaled",
     drop_boundary: bool = True,
 ):
-    """Explore HoVer's marker-controlled watershed: sliders for the foreground threshold and the
-    energy threshold below which pixels become markers redraw the energy, the markers and the
-    cells of ``foreground_prob (H, W)`` and ``hv (2, H, W)``, with the F1 against ``y_true``.
+    """Explore HoVer's marker-controlled watershed: sliders for the foreground threshold, the
+    energy threshold below which pixels become markers and the cell probability that markers
+    need (``marker_min_prob``, 0: none) redraw the energy, the markers and the cells of
+    ``foreground_prob (H, W)`` and ``hv (2, H, W)``, with the F1 against ``y_true``.
 
     ``preset`` (a name of :data:`cellseg_lite.streams.hover.PRESETS` or a ``WatershedParams``)
-    sets everything else; ``marker_threshold`` defaults to the preset's. The static figure at
-    the defaults is always drawn first; returns an ipywidgets VBox, or None without ipywidgets.
+    sets everything else; ``marker_threshold`` and ``marker_min_prob`` default to the preset's.
+    The static figure at the defaults is always drawn first; returns an ipywidgets VBox, or
+    None without ipywidgets.
     """
     import matplotlib.pyplot as plt
 
@@ -527,13 +534,16 @@ def explore_watershed(
     )
     if marker_threshold is None:
         marker_threshold = getattr(params, "marker_threshold", 0.5)
+    if marker_min_prob is None:
+        marker_min_prob = getattr(params, "marker_min_prob", 0.0)
 
-    def draw(prob_thresh, marker_threshold):
+    def draw(prob_thresh, marker_threshold, marker_min_prob):
         steps, result = watershed_view(
             foreground_prob,
             hv,
             prob_thresh,
             marker_threshold,
+            marker_min_prob=marker_min_prob,
             preset=preset,
             y_true=y_true,
             drop_boundary=drop_boundary,
@@ -547,7 +557,8 @@ def explore_watershed(
         markers = np.ma.masked_equal(steps.markers % 20 + (steps.markers > 0), 0)
         axes[2].set_facecolor("black")
         axes[2].imshow(markers, cmap="tab20", interpolation="nearest", vmin=1, vmax=20)
-        _finish(axes[2], f"markers: energy < {marker_threshold:.2f} ({steps.markers.max()})")
+        where = f", prob >= {marker_min_prob:.2f}" if marker_min_prob > 0 else ""
+        _finish(axes[2], f"markers: energy < {marker_threshold:.2f}{where} ({steps.markers.max()})")
         if y_true is None:
             plot_instances(base, result.labels, ax=axes[3], title=None)
         else:
@@ -556,11 +567,12 @@ def explore_watershed(
         fig.tight_layout()
         return fig, result
 
-    fig, result = draw(prob_thresh, marker_threshold)
+    fig, result = draw(prob_thresh, marker_threshold, marker_min_prob)
     _show(fig)
     high = 0.95 if getattr(params, "energy", "slope") == "minmax" else 2.0
     specs = [
         ("prob_thresh", prob_thresh, 0.05, 0.95, 0.05),
         ("marker_threshold", float(marker_threshold), 0.05, high, 0.05),
+        ("marker_min_prob", float(marker_min_prob), 0.0, 0.99, 0.01),  # 0.9-0.99 are tuned
     ]
     return _explorer(specs, draw, result.summary())

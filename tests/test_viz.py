@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from cellseg_lite import CellSegError, viz
+from cellseg_lite import CellSegError, train, viz
 
 matplotlib.use("Agg")
 
@@ -189,6 +189,27 @@ def test_watershed_explorer_uses_the_preset_threshold(tissue):
     sliders["marker_threshold"].value = 0.05
     _, fewer = viz.watershed_view(prob, hv, 0.6, 0.05, preset="hover_net", y_true=labels)
     assert explorer.children[1].value == fewer.summary()
+    plt.close("all")
+
+
+def test_watershed_explorer_slides_the_markers_probability(tissue):
+    import matplotlib.pyplot as plt
+
+    from cellseg_lite.streams import hover
+
+    image, labels = tissue
+    prob, hv = hover.noisy_maps(*hover.targets(labels), blur=1.5, noise=0.1, seed=3)
+    explorer = viz.explore_watershed(image, prob, hv, y_true=labels)
+    slider = sliders_of(explorer)["marker_min_prob"]
+    assert slider.value == hover.PRESETS["scaled"].marker_min_prob == 0.0
+    assert slider.max >= max(train.HOVER_MARKER_PROBS)  # every value the tuning tries
+    slider.value = 0.9
+    steps, result = viz.watershed_view(prob, hv, 0.6, marker_min_prob=0.9, y_true=labels)
+    assert explorer.children[1].value == result.summary()
+    np.testing.assert_array_equal(steps.labels, hover.instances(prob, hv, marker_min_prob=0.9))
+    assert not (steps.markers > 0)[prob < 0.9].any()
+    default, _ = viz.watershed_view(prob, hv, 0.6, y_true=labels)
+    assert (default.markers > 0)[prob < 0.9].any()  # the slider changed something
     plt.close("all")
 
 
