@@ -4,7 +4,9 @@ Loads the multi-stream segmenter that ``benchmarks/bench_quality.py`` wrote (``-
 default ``runs/bench_quality``; several folders give one pair of rows each), rebuilds that run's
 selection split (the same images, seed and fraction as
 :func:`cellseg_lite.train.train_multistream`), predicts every HoVer model's maps of each image,
-and tunes the post-processing of each class on its selection images twice. ``--compare floor``
+and tunes the post-processing of each class on its selection images twice (a class with fewer
+than ``train.MIN_SELECTION_IMAGES`` of them on all selection images, with its pre-trained model's
+maps, as :func:`cellseg_lite.train.train_multistream` tunes it). ``--compare floor``
 (on plain maps):
 
 - without the size floor: probability and marker threshold only, with the ``"scaled"``
@@ -158,8 +160,7 @@ def retune(work: Path, seed: int, real, compare: str):
     kinds = [kind for kind in MAPS if kind in {maps for _, maps, _ in ways.values()}]
     seconds = dict.fromkeys(kinds, 0.0)  # predicting HoVer maps of each kind
 
-    def hover_maps(image, category, kind):
-        model = segmenter.models[category]
+    def hover_maps(image, model, kind):
         x = io.normalize_image(image, sparse_cells=segmenter.sparse_cells)
         x = x.astype(np.float32) / 255.0
         tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
@@ -186,9 +187,29 @@ def retune(work: Path, seed: int, real, compare: str):
             image, labels = io.read_image(sample.image_path), io.read_labels(sample.label_path)
             category = segmenter.route(image) if routed else category
             hover = segmenter.models[category].stream == "hover"
-            maps = {kind: hover_maps(image, category, kind) for kind in kinds} if hover else None
+            model = segmenter.models[category]
+            maps = {kind: hover_maps(image, model, kind) for kind in kinds} if hover else None
             out.append((sample.stem, category, labels, maps, image))
         return out
+
+    def tuning_items(c: int):
+        """The selection images that choose class ``c``'s thresholds, as ``train_multistream``
+        does: a class with enough of them is tuned on its own; a smaller one keeps the
+        pre-trained model, tuned on every selection image (maps predicted by that model)."""
+        model = segmenter.models[c]
+        if model.stream != "hover":
+            return []
+        if counts[c] >= train.MIN_SELECTION_IMAGES:
+            return [t for t in tuning if t[1] == c]
+        items = []
+        for stem, k, labels, maps, image in tuning:
+            if segmenter.models[k].model is not model.model:  # another model's maps: predict once
+                if (stem, id(model.model)) not in other_maps:
+                    predicted = {kind: hover_maps(image, model, kind) for kind in kinds}
+                    other_maps[stem, id(model.model)] = predicted
+                maps = other_maps[stem, id(model.model)]
+            items.append((stem, k, labels, maps, image))
+        return items
 
     def segmented(maps, thresholds) -> np.ndarray:
         fg, hv = maps
@@ -199,6 +220,8 @@ def retune(work: Path, seed: int, real, compare: str):
 
     print(f"{work}: predicting maps", flush=True)
     tuning = prepared(zip(selection, selection_classes, strict=True), routed=False)
+    counts = np.bincount(selection_classes, minlength=4).tolist()
+    other_maps: dict[tuple[str, int], dict] = {}  # a small class's model on other classes' images
     sets = {
         "real-mini val": prepared(((s, None) for s in real.val), routed=True),
         "synthetic held-out": prepared(((s, None) for s in datasets.find_pairs(syn_test)), True),
@@ -208,7 +231,7 @@ def retune(work: Path, seed: int, real, compare: str):
     for name, (candidates, kind, refine) in ways.items():
         chosen[name] = {}
         for c in range(4):
-            items = [t for t in tuning if t[1] == c and t[3] is not None]
+            items = tuning_items(c)
             if not items:  # StarDist, or no selection images: the stored thresholds
                 chosen[name][c] = segmenter.models[c].thresholds
                 continue
@@ -227,11 +250,11 @@ def retune(work: Path, seed: int, real, compare: str):
                     predicted = segmenter.segment(image, category=c)
                 else:
                     predicted = segmented(maps[kind], chosen[name][c])
-                kinds = metrics.error_kinds(labels, predicted)  # and the F1 from the same matching
-                rows.append((stem, c, kinds.f1, kinds.merged, kinds.tp + kinds.fn))
+                errors = metrics.error_kinds(labels, predicted)  # and the F1 from the same matching
+                rows.append((stem, c, errors.f1, errors.merged, errors.tp + errors.fn))
             scores[name, set_name] = rows
             print(f"{name} on {set_name}: {np.mean([r[2] for r in rows]):.3f}", flush=True)
-    return scores, chosen, np.bincount(selection_classes, minlength=4).tolist(), seconds
+    return scores, chosen, counts, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,10 +368,14 @@ markers 2 %, foreground components 1 % of the typical cell area), and over the w
     flag = "" if args.compare == "floor" else f" --compare {args.compare}"
     if args.routing != "validated":
         flag += f" --routing {args.routing}"
+    from cellseg_lite.train import MIN_SELECTION_IMAGES as MIN_SELECTION
+
     section = f"""## Post-processing: {title}, on trained segmenters
 
 Segmenters written by `bench_quality.py --routing {args.routing}` runs, each one's HoVer thresholds
-tuned per class on that run's selection split twice: {how}. Same weights in both rows of a
+tuned per class on that run's selection split twice (a class with fewer than
+{MIN_SELECTION} selection images on all of them, with the pre-trained model's maps, as the segmenter
+was): {how}. Same weights in both rows of a
 segmenter: the difference is the post-processing. The class of each scored image comes from the
 router, as in the segmenter. {args.note}
 
