@@ -258,8 +258,9 @@ their true labels (`categorize.low_level_category`), and those it sent elsewhere
 
 Every segmenter below except the one-pass row segments an image of class
 {" or ".join(map(str, segmenter.upscale_classes))} whose cells a first pass finds narrower than
-{segmenter.min_diameter:g} pixels a second time, {segmenter.upscale:g} times larger
-(`infer.MIN_DIAMETER`, `infer.UPSCALE_CLASSES`, chosen by `benchmarks/bench_upscale.py`). Every pass
+{segmenter.upscale_below(segmenter.models[0]):g} pixels a second time, {segmenter.upscale:g} times larger
+(`infer.MIN_DIAMETER`, scaled by the maps' output stride, and `infer.UPSCALE_CLASSES`, chosen by
+`benchmarks/bench_upscale.py`). Every pass
 sees {segmenter.mirror_context} pixels of mirrored context around the image (`infer.MIRROR_CONTEXT`,
 `benchmarks/bench_boundary.py`).
 

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     candidates = [(below, f) for below in edges[1:] for f in factors]
     best = max(candidates, key=lambda c: with_rule("real-mini TRAIN", *c))
-    ours = (infer.MIN_DIAMETER, infer.UPSCALE)
+    ours = (segmenter.upscale_below(segmenter.models[0]) or infer.MIN_DIAMETER, infer.UPSCALE)
     rule_lines = [
         "| rule | " + " | ".join(sets) + " |",
         "|---|" + "---|" * len(sets),
@@ -254,7 +254,8 @@ size (bilinear), their labels shrunk back (nearest). Challenge F1, mean over eac
 
 Every rule "a second pass at x times for images below d pixels" that these measurements allow,
 mean challenge F1 of each whole set; the rule is chosen on TRAIN only (`infer.MIN_DIAMETER` =
-{ours[0]:g}, `infer.UPSCALE` = {ours[1]:g}), and `infer` applies it to the classes
+{infer.MIN_DIAMETER:g} for maps at stride {infer.MIN_DIAMETER_STRIDE}, {ours[0]:g} for this
+segmenter's; `infer.UPSCALE` = {ours[1]:g}), and `infer` applies it to the classes
 of `infer.UPSCALE_CLASSES` only ({", ".join(map(str, classes))}; the last table):
 
 {chr(10).join(rule_lines)}

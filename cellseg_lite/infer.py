@@ -43,6 +43,7 @@ __all__ = [
     "PAD_MODES",
     "ROUTINGS",
     "MIN_DIAMETER",
+    "MIN_DIAMETER_STRIDE",
     "TILED_PIXELS",
     "UPSCALE",
     "UPSCALE_CLASSES",
@@ -830,6 +831,12 @@ TILED_PIXELS = 4096 * 4096
 #: them. Chosen on the real-mini TRAIN split among second passes at 1.5 or 2 times below 11 to 30
 #: pixels (``benchmarks/bench_upscale.py``; see the inference chapter).
 MIN_DIAMETER = 25.0
+#: The output stride of the maps :data:`MIN_DIAMETER` was chosen for (the paper's decoder). A
+#: network whose maps come at a finer stride resolves cells that much narrower, so
+#: :class:`MultiStreamSegmenter` scales the threshold by the model's stride over this one: 12.5
+#: pixels for the authors' stride-2 decoder, where the TRAIN sweep of a stride-2 segmenter chose
+#: 11-13 pixels (``benchmarks/bench_upscale.py``).
+MIN_DIAMETER_STRIDE = 4
 #: How much larger :class:`MultiStreamSegmenter` segments an image of small cells again.
 UPSCALE = 1.5
 #: The classes whose images may get that second pass: the two of nuclei (0: fluorescence, 3:
@@ -957,7 +964,8 @@ class MultiStreamSegmenter:
     an image of one of the ``upscale_classes`` (:data:`UPSCALE_CLASSES`) whose cells a first
     pass finds narrower than ``min_diameter`` pixels (:func:`inscribed_diameter`) is segmented
     again ``upscale`` times larger and its labels shrunk back (:data:`MIN_DIAMETER`; ``None``
-    turns this off). ``sparse_cells``: normalise images with
+    turns this off); ``min_diameter`` holds for maps at stride 4 (the paper's decoder) and scales
+    with each model's output stride (:data:`MIN_DIAMETER_STRIDE`: half for the stride-2 decoder). ``sparse_cells``: normalise images with
     :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells cover under
     about 1% of the pixels, as the training data are (``False``: the challenge's rule
     unchanged). ``mirror_context``: pixels of mirrored context around each image
@@ -1119,7 +1127,7 @@ class MultiStreamSegmenter:
                 raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
             return self._segment_at(model, x, float(scale), progress)
         labels = self._segment(model, x, progress)
-        if self._wants_upscale(labels, category):
+        if self._wants_upscale(labels, category, model):
             labels = self._segment_at(model, x, self.upscale, progress)
         return labels
 
@@ -1129,17 +1137,27 @@ class MultiStreamSegmenter:
             return self._segment(model, x, progress)
         return _shrink_labels(self._segment(model, _enlarge(x, scale), progress), x)
 
-    def _wants_upscale(self, labels: np.ndarray, category: int) -> bool:
+    def _wants_upscale(self, labels: np.ndarray, category: int, model: StreamModel) -> bool:
         """Whether the first pass's ``labels`` of an image of class ``category`` hold nuclei too
-        small for the network's scale (and the enlarged image still fits in memory without the
-        tiled path)."""
+        small for the scale of ``model``'s maps (and the enlarged image still fits in memory
+        without the tiled path)."""
+        threshold = self.upscale_below(model)
         if (
-            self.min_diameter is None
+            threshold is None
             or category not in self.upscale_classes
             or labels.size * self.upscale**2 > TILED_PIXELS
         ):
             return False
-        return bool(inscribed_diameter(labels) < self.min_diameter)  # nan (no cells): no
+        return bool(inscribed_diameter(labels) < threshold)  # nan (no cells): no
+
+    def upscale_below(self, model: StreamModel) -> float | None:
+        """The first-pass cell diameter (pixels) below which ``model``'s images of the
+        :attr:`upscale_classes` get the second, larger pass: :attr:`min_diameter` scaled by the
+        model's output stride over :data:`MIN_DIAMETER_STRIDE`; ``None`` when the pass is off."""
+        if self.min_diameter is None:
+            return None
+        stride = getattr(getattr(model.model, "unet", None), "output_stride", MIN_DIAMETER_STRIDE)
+        return self.min_diameter * stride / MIN_DIAMETER_STRIDE
 
     def _tiling(self, x: np.ndarray) -> tuple[int, int]:
         """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike)."""

@@ -362,6 +362,28 @@ def test_images_of_small_cells_are_segmented_again_larger(segmenter, monkeypatch
     assert seen == [(60, 90, 3)]
 
 
+def test_the_small_cell_threshold_scales_with_the_output_stride(streams):
+    _, hv = streams  # the paper's decoder: maps at stride 4
+    torch.manual_seed(0)
+    code = infer.StreamModel(
+        ConvNeXtHover("convnext_atto", decoder="code").eval(), "hover", {"prob_thresh": 0.6},
+        train.preset("fast", stream="hover", decoder="code"),
+    )  # fmt: skip
+    both = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), {0: hv, 1: hv, 2: hv, 3: code}, routing="hover"
+    )
+    assert infer.MIN_DIAMETER_STRIDE == hv.model.unet.output_stride == 4
+    assert both.upscale_below(hv) == infer.MIN_DIAMETER
+    assert both.upscale_below(code) == infer.MIN_DIAMETER / 2  # stride 2 resolves half as wide
+    labels = _discs((96, 96), 18, 32)  # between the two thresholds
+    assert 12.5 < infer.inscribed_diameter(labels) < 25
+    assert both._wants_upscale(labels, 0, hv)
+    assert not both._wants_upscale(labels, 3, code)
+    assert both._wants_upscale(_discs((96, 96), 8, 16), 3, code)
+    both.min_diameter = None
+    assert both.upscale_below(hv) is None and not both._wants_upscale(labels, 0, hv)
+
+
 def test_the_upscaling_normalisation_and_context_rules_are_saved_and_checked(streams, tmp_path):
     star, hv = streams
     models = {0: star, 1: hv, 2: star, 3: star}
