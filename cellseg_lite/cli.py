@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PIXELS",
         help="segment an image whose cells a first pass finds narrower than this a second time, "
-        "larger (by the model file's factor); 0: never; default: the model file's setting",
+        "larger (by the model file's factor), for maps at stride 4 (half of it for the "
+        "stride-2 decoder); 0: never; default: the model file's setting",
     )
     pr.add_argument(
         "--mirror-context",

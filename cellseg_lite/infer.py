@@ -965,7 +965,8 @@ class MultiStreamSegmenter:
     pass finds narrower than ``min_diameter`` pixels (:func:`inscribed_diameter`) is segmented
     again ``upscale`` times larger and its labels shrunk back (:data:`MIN_DIAMETER`; ``None``
     turns this off); ``min_diameter`` holds for maps at stride 4 (the paper's decoder) and scales
-    with each model's output stride (:data:`MIN_DIAMETER_STRIDE`: half for the stride-2 decoder). ``sparse_cells``: normalise images with
+    with each model's output stride (:data:`MIN_DIAMETER_STRIDE`: half for the stride-2 decoder;
+    :meth:`upscale_below`). ``sparse_cells``: normalise images with
     :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells cover under
     about 1% of the pixels, as the training data are (``False``: the challenge's rule
     unchanged). ``mirror_context``: pixels of mirrored context around each image
