@@ -107,11 +107,11 @@ def compile_section(args, config, device) -> tuple[str, str]:
                 repeats=args.repeats, compile=compiled,
             )  # fmt: skip
         rows.append((compiled, seconds, first))
+        print(f"compile={compiled}: {seconds:.3f} s/step", flush=True)
     if previous is None:  # not left pointing at a deleted folder
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-        print(f"compile={compiled}: {seconds:.3f} s/step", flush=True)
     base = rows[0][1]
     precision = "float32" if not amp else ("bf16" if device.type == "cpu" else "mixed precision")
     lines = [
