@@ -56,7 +56,7 @@ def area_diameter(labels) -> float:
 
 
 def measure(segmenter, pairs, factors_for, log) -> list[dict]:
-    """Per image: first-pass diameter and F1 at scale 1 and at each of ``factors_for(diameter)``
+    """Per image: first-pass diameter and F1 at scale 1 and at each of ``factors_for(row)``
     (``benchmarks/bench_downscale.py`` asks the same about large cells)."""
     from cellseg_lite import infer, io, metrics
 
@@ -69,7 +69,7 @@ def measure(segmenter, pairs, factors_for, log) -> list[dict]:
         row = {"stem": io.image_stem(pair.image_path), "category": category,
                "diameter": diameter, "area_diameter": area_diameter(labels),
                1.0: metrics.f1_score(truth, labels)}  # fmt: skip
-        factors = list(factors_for(diameter))
+        factors = list(factors_for(row))  # the row so far: diameter, routed class
         fits = image.shape[0] * image.shape[1] * max(factors, default=1) ** 2 <= infer.TILED_PIXELS
         for factor in factors if fits else []:
             rescaled = segmenter.segment(image, category=category, scale=factor)
@@ -101,7 +101,7 @@ def with_fresh_synthetic(sets: dict, work: Path, seed: int, per_class: int) -> d
     out; ``bench_quality``'s size) second, after real-mini TRAIN."""
     from cellseg_lite import datasets, synthetic
 
-    fresh = work / f"synthetic_fresh_{seed}"
+    fresh = work / f"synthetic_fresh_{seed}_{per_class}"
     if not fresh.is_dir():
         synthetic.make_dataset(fresh, per_class, size=(256, 256), seed=seed)
     first, *rest = sets.items()
@@ -117,25 +117,34 @@ def save_rows(path: Path, rows: dict) -> None:
     )
 
 
-def bin_lines(rows: dict, factors, edges) -> list[str]:
-    """Markdown table: per first-pass diameter bin and set, the images and their mean F1 at
-    scale 1 and at each factor (images that were retried)."""
+def group_lines(rows: dict, factors, title: str, groups) -> list[str]:
+    """Markdown table: per group (``(label, belongs(row))``) and set, the images retried and their
+    mean F1 at scale 1 and at each factor."""
     header = (
-        "| first-pass diameter (px) | "
+        f"| {title} | "
         + " | ".join(f"{name}: images, x1, " + ", ".join(f"x{f:g}" for f in factors) for name in rows)
         + " |"
     )  # fmt: skip
     lines = [header, "|---|" + "---|" * len(rows)]
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for label, belongs in groups:
         cells = []
         for name in rows:
-            inside = [r for r in rows[name] if low <= r["diameter"] < high and factors[0] in r]
+            inside = [r for r in rows[name] if belongs(r) and factors[0] in r]
             scores = [mean(r[k] for r in inside) for k in (1.0, *factors)]
             cells.append(
                 f"{len(inside)}: " + ", ".join(f"{s:.3f}" for s in scores) if inside else "0"
             )
-        lines.append(f"| {bin_name(low, high)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def bin_lines(rows: dict, factors, edges) -> list[str]:
+    """:func:`group_lines` per first-pass diameter bin."""
+    groups = [
+        (bin_name(low, high), lambda r, low=low, high=high: low <= r["diameter"] < high)
+        for low, high in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    return group_lines(rows, factors, "first-pass diameter (px)", groups)
 
 
 def class_lines(rows: dict, factor: float, retried) -> list[str]:
@@ -183,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = with_fresh_synthetic(sets, args.work, args.fresh_seed, args.fresh)
     started = time.perf_counter()
     rows = {
-        name: measure(segmenter, pairs, lambda d: factors if d < args.up_to else [], print)
+        name: measure(
+            segmenter, pairs, lambda r: factors if r["diameter"] < args.up_to else [], print
+        )
         for name, pairs in sets.items()
     }
     minutes = (time.perf_counter() - started) / 60
