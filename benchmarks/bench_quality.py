@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         help="HoVer loss weighted up where cells touch (TrainConfig.contact_weight; another "
         "than the preset's writes its own section)",
     )
+    parser.add_argument(
+        "--topup-selection",
+        action="store_true",
+        help="give every class at least train.MIN_SELECTION_IMAGES selection images, topping the "
+        "selection split up with fresh synthetic images (not trained on), so that classes 1 and "
+        "2 are fine-tuned too (writes its own section)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quality")
@@ -108,15 +115,36 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.make_dataset(syn_train, args.synthetic, size=(256, 256), seed=args.seed)
     synthetic.make_dataset(syn_test, args.test_synthetic, size=(256, 256), seed=args.seed + 1000)
 
+    training = [*real_train, *datasets.find_pairs(syn_train)]
+    selection, topped_up = None, {}
+    if args.topup_selection:
+        # train_multistream's own split (same fraction and seed), then fresh synthetic images for
+        # the classes it leaves short of MIN_SELECTION_IMAGES
+        (training, _), (selection, kinds) = train._split_for_selection(
+            training, train._sample_categories(training), train.VAL_FRACTION, args.seed
+        )
+        short = {c: train.MIN_SELECTION_IMAGES - kinds.count(c) for c in range(4)}
+        topped_up = {c: n for c, n in short.items() if n > 0}
+        if topped_up:
+            extra = args.work / "synthetic_selection"
+            synthetic.make_dataset(
+                extra,
+                max(topped_up.values()),
+                (256, 256),
+                args.seed + 2000,
+                categories=sorted(topped_up),
+            )
+            selection += datasets.find_pairs(extra)
     started = time.perf_counter()
     segmenter, stages = train.train_multistream(
-        [*real_train, *datasets.find_pairs(syn_train)],
+        training,
         args.work / "model.pt",
         preset_name="lite",
         minutes=args.minutes,
         routing=args.routing,
         work_dir=args.work / "stages",
         seed=args.seed,
+        val=selection,
         pretrained=args.pretrained,
         changes={
             "decoder": args.decoder,
@@ -235,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     if not default_contact:
         options += f" --contact-weight {args.contact_weight:g}"
         more += f", the HoVer loss weighted up where cells touch (`contact_weight={args.contact_weight:g}`)"
+    if args.topup_selection:
+        options += " --topup-selection"
+        more += ", every class with 5 or more selection images"
+    topup_text = (
+        " The selection split of class "
+        + " and ".join(f"{c} (+{n})" for c, n in topped_up.items())
+        + f" is topped up with fresh synthetic images (seed {args.seed + 2000}, not trained on) "
+        f"to {train.MIN_SELECTION_IMAGES} images (`--topup-selection`)."
+        if topped_up
+        else ""
+    )
     section = f"""## Quality: the `lite` multi-stream pipeline after {train_minutes:.0f} CPU minutes of training{more}
 
 **Training data**: the 156 real-mini TRAIN images and {4 * args.synthetic} synthetic images
@@ -242,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 (12% of each class) is held out of these for validation F1, best-epoch and threshold selection
 and the keep-or-drop decision of each fine-tuned model; only a class with at least
 {train.MIN_SELECTION_IMAGES} selection images is fine-tuned and given thresholds of its own (the
-others keep the pre-trained model, their share of the fine-tuning budget goes to pre-training).
+others keep the pre-trained model, their share of the fine-tuning budget goes to pre-training).{topup_text}
 The real-mini VAL split is used for nothing but the scores below. Training took **{train_minutes:.1f} minutes** of wall time in all
 (loop budget {args.minutes:g} minutes, the rest is threshold tuning and the fine-tuning
 comparisons; {args.threads} torch threads; encoders {"ImageNet-pretrained" if args.pretrained else "from scratch: this machine is offline"}; `lite` preset: {train.preset("lite").patch_size}-pixel patches, batch {train.preset("lite").batch_size}{average}).{routing_note}
@@ -294,6 +333,8 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
             key += f"_{args.patch_sampling}_sampling"
         if not default_contact:
             key += f"_contact{args.contact_weight:g}"
+        if args.topup_selection:
+            key += "_topup"
         write_section(key, section)
     return 0
 
