@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         more += f", the HoVer loss weighted up where cells touch (`contact_weight={args.contact_weight:g}`)"
     if args.topup_selection:
         options += " --topup-selection"
-        more += ", every class with 5 or more selection images"
+        more += f", every class with {train.MIN_SELECTION_IMAGES} or more selection images"
     topup_text = (
         " The selection split of class "
         + " and ".join(f"{c} (+{n})" for c, n in topped_up.items())
