@@ -46,18 +46,17 @@ REPO = Path(__file__).resolve().parents[1]
 EDGES = (30.0, 40.0, 60.0, 90.0, float("inf"))
 
 
-def scales_for(
-    row: dict, start: float, factors, classes=(), small_below: float = 25.0
-) -> list[float]:
+def scales_for(row: dict, start: float, factors, classes, segmenter) -> list[float]:
     """The scales an image is segmented at besides 1: ``factors`` for large cells and for every
-    image routed to one of ``classes``, and the package's second pass (``infer.UPSCALE``) for
-    cells narrower than ``small_below``, so that the rules combine."""
+    image routed to one of ``classes``, and ``segmenter``'s second pass for small cells
+    (``infer.UPSCALE``, where it would make one), so that the rules combine."""
     from cellseg_lite import infer
 
-    diameter = row["diameter"]
-    scales = list(factors) if diameter >= start or row["category"] in classes else []
-    if diameter < small_below:  # also where a low --from makes both rules apply
-        scales.append(infer.UPSCALE)
+    diameter, category = row["diameter"], row["category"]
+    scales = list(factors) if diameter >= start or category in classes else []
+    small_below = segmenter.upscale_below(segmenter.models[category]) or 0.0
+    if diameter < small_below and category in segmenter.upscale_classes:
+        scales.append(infer.UPSCALE)  # also where a low --from makes both rules apply
     return scales
 
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         name: measure(
             segmenter,
             pairs,
-            lambda r: scales_for(r, args.start, factors, args.classes, small_below),
+            lambda r: scales_for(r, args.start, factors, args.classes, segmenter),
             print,
         )
         for name, pairs in sets.items()
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         def f1(r):
             if above is not None and r["diameter"] >= above and factor in r:
                 return r[factor]
-            small = r["diameter"] < small_below and r["category"] in infer.UPSCALE_CLASSES
-            if upscale and small and infer.UPSCALE in r:
+            if upscale and infer.UPSCALE in r:  # measured only where the segmenter retries
                 return r[infer.UPSCALE]
             return r[1.0]
 

@@ -127,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         topped_up = {c: n for c, n in short.items() if n > 0}
         if topped_up:
             extra = args.work / "synthetic_selection"
-            synthetic.make_dataset(
+            made = synthetic.make_dataset(
                 extra,
                 max(topped_up.values()),
                 (256, 256),
                 args.seed + 2000,
                 categories=sorted(topped_up),
             )
-            selection += datasets.find_pairs(extra)
+            # each class takes only what it is short of (make_dataset draws as many for all)
+            keep = {e.stem for e in made if int(e.stem.rsplit("_", 1)[1]) < topped_up[e.category]}
+            selection += [p for p in datasets.find_pairs(extra) if p.stem in keep]
     started = time.perf_counter()
     segmenter, stages = train.train_multistream(
         training,
