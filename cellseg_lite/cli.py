@@ -111,13 +111,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.tta is not None:
         segmenter.tta = args.tta
     for flag, value in (("--min-diameter", args.min_diameter),
-                        ("--mirror-context", args.mirror_context)):  # fmt: skip
+                        ("--mirror-context", args.mirror_context),
+                        ("--whole-image-side", args.whole_image_side)):  # fmt: skip
         if value is not None and not value >= 0:
             raise CellSegError(f"{flag}: expected pixels >= 0, got {value}")
     if args.min_diameter is not None:
         segmenter.min_diameter = args.min_diameter or None
     if args.mirror_context is not None:
         segmenter.mirror_context = args.mirror_context
+    if args.whole_image_side is not None:
+        segmenter.whole_image_side = args.whole_image_side or None
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for path in files:
@@ -273,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIXELS",
         help="pixels of mirrored context around each image, cropped away after; 0: none; "
         "default: the model file's setting (16)",
+    )
+    pr.add_argument(
+        "--whole-image-side",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="predict an image whose sides (with its context) are at most this long in one "
+        "forward pass, larger ones in overlapping tiles of 512; 0: tiles for every image larger "
+        "than a tile (the paper's window); default: the model file's setting (2048)",
     )
     pr.add_argument("--quiet", action="store_true", help="only the summary line")
     pr.set_defaults(func=_cmd_predict)

@@ -4,7 +4,10 @@ A network trained on 512 x 512 patches segments a 10,000-pixel whole-slide image
 :func:`sliding_window` cuts the image into overlapping tiles (512 pixels, step 384, the authors'
 StarDist setting), predicts them in batches and blends the overlaps with a Gaussian weight per
 tile, so that no seam shows where tiles meet (nnU-Net's recipe, Isensee et al., Nature Methods
-2021). :func:`model_predictor` turns a stream's network into the ``predict`` function it needs;
+2021). An image that fits in memory needs no window: :class:`MultiStreamSegmenter` predicts an
+image of up to :data:`WHOLE_IMAGE_SIDE` pixels a side in one forward pass
+(``sliding_window(tile=None)``), where overlapping tiles would compute many pixels twice.
+:func:`model_predictor` turns a stream's network into the ``predict`` function it needs;
 :func:`stardist_maps` and :func:`hover_maps` give each stream's maps of a whole image.
 
 The authors' code keeps the whole image's 33-channel StarDist map in memory: 11.7 GB of float32
@@ -48,6 +51,7 @@ __all__ = [
     "UPSCALE",
     "UPSCALE_CLASSES",
     "TTA_MAPS",
+    "WHOLE_IMAGE_SIDE",
     "HOVER_TUNED",
     "HoverMaps",
     "MultiStreamSegmenter",
@@ -227,26 +231,26 @@ def _as_maps(out) -> np.ndarray:
 
 
 class _Predictor:
-    """Calls ``predict`` on batches of tiles and checks what comes back: ``(B, K, tile, tile)``
-    with the same K every time (read from the first call), returned as float32 numpy."""
+    """Calls ``predict`` on batches of tiles ``(B, h, w, C)`` and checks what comes back:
+    ``(B, K, h, w)`` with the same K every time (read from the first call), as float32 numpy."""
 
-    def __init__(self, predict: Callable, tile: int):
+    def __init__(self, predict: Callable):
         self.predict = predict
-        self.tile = tile
         self.channels: int | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         inputs = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
         with torch.inference_mode():
             out = _as_maps(self.predict(inputs))
-        expected = (len(batch), "K", self.tile, self.tile)
+        h, w = batch.shape[1:3]
+        expected = (len(batch), "K", h, w)
         if out.ndim != 4:
             raise CellSegError(
                 f"predict: expected a (B, K, tile, tile) = {expected} array, got shape {out.shape}"
             )
-        if out.shape[0] != len(batch) or out.shape[2:] != (self.tile, self.tile):
+        if out.shape[0] != len(batch) or out.shape[2:] != (h, w):
             raise CellSegError(
-                f"predict: a batch of {len(batch)} tiles of {self.tile} x {self.tile} gave shape "
+                f"predict: a batch of {len(batch)} tiles of {h} x {w} gave shape "
                 f"{out.shape}, expected {expected}"
             )
         if out.shape[1] < 1:
@@ -279,7 +283,7 @@ def _blend(
     the whole image's map.
     """
     r0, r1, c0, c1 = window
-    tile = predictor.tile
+    tile = weight.shape[0]
     wanted_y = [y for y in ys if y < r1 and y + tile > r0]
     wanted_x = [x for x in xs if x < c1 and x + tile > c0]
     positions = [(y, x) for y in wanted_y for x in wanted_x]
@@ -315,8 +319,8 @@ def _progress(total: int, enabled: bool, desc: str, unit: str):
 def sliding_window(
     predict: Callable,
     image: np.ndarray,
-    tile: int = 512,
-    stride: int = 384,
+    tile: int | None = 512,
+    stride: int | None = 384,
     *,
     batch_size: int = 4,
     blend: str = "gaussian",
@@ -334,18 +338,25 @@ def sliding_window(
     :func:`blend_window` (``blend``). An image smaller than a tile is padded at the bottom and
     right (``pad_mode``, see :data:`PAD_MODES`) and the maps are cropped back.
 
+    ``tile=None`` predicts the whole image in one call instead (a batch of one, at the image's
+    own size; ``stride``, ``blend`` and ``pad_mode`` unused): a fully convolutional network takes
+    any size, and one pass computes each pixel once where overlapping tiles compute many twice.
+
     >>> image = np.random.default_rng(0).random((100, 70, 3), dtype=np.float32)
     >>> maps = sliding_window(lambda x: x, image, tile=64, stride=48)
     >>> maps.shape, bool(np.allclose(maps, image.transpose(2, 0, 1), atol=1e-5))
     ((3, 100, 70), True)
     """
     _check_predict(predict)
+    if tile is None:
+        image = as_image(image, "image")
+        return _Predictor(predict)(image.reshape(1, *image.shape[:2], -1))[0]
     tile, stride = _check_tiling(tile, stride)
     batch_size = _check_int(batch_size, "batch_size")
     weight = blend_window(tile, blend)
     _check_choice(pad_mode, "pad_mode", PAD_MODES)
     layout = _tiling(image, tile, stride, pad_mode)
-    predictor = _Predictor(predict, tile)
+    predictor = _Predictor(predict)
     with _progress(len(layout.ys) * len(layout.xs), progress, "sliding window", "tile") as bar:
         return _blend(
             predictor,
@@ -540,8 +551,8 @@ def stardist_maps(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    tile: int = 512,
-    stride: int = 384,
+    tile: int | None = 512,
+    stride: int | None = 384,
     batch_size: int = 4,
     device=None,
     amp: bool | None = None,
@@ -552,8 +563,9 @@ def stardist_maps(
     """A StarDist network's maps of a whole image: ``prob (H, W)`` and ``dist (R, H, W)``.
 
     ``image`` is already the network input: ``(H, W, 3)`` float32 in [0, 1], that is
-    ``io.normalize_image(raw) / 255``. Tiles of 512 every 384 pixels, as the authors' code; see
-    :func:`sliding_window` and :func:`model_predictor`. The maps take ``(1 + R) x H x W x 4``
+    ``io.normalize_image(raw) / 255``. Tiles of 512 every 384 pixels, as the authors' code
+    (``tile=None``: the whole image in one forward pass); see :func:`sliding_window` and
+    :func:`model_predictor`. The maps take ``(1 + R) x H x W x 4``
     bytes; for whole-slide images use :func:`stardist_instances_tiled`. ``tta``: average the
     maps of the four flips of every tile (:func:`flip_averaged`; four times the time).
     """
@@ -576,8 +588,8 @@ def hover_maps(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    tile: int = 512,
-    stride: int = 384,
+    tile: int | None = 512,
+    stride: int | None = 384,
     batch_size: int = 4,
     device=None,
     amp: bool | None = None,
@@ -590,7 +602,8 @@ def hover_maps(
 
     ``image`` is already the network input: ``(H, W, 3)`` float32 in [0, 1], that is
     ``io.normalize_image(raw) / 255``. Tiles of 512 every 384 pixels, the paper's window (the
-    authors' HoVer code steps 256: ``stride=256``, more tiles for the same F1).
+    authors' HoVer code steps 256: ``stride=256``, more tiles for the same F1; ``tile=None``: the
+    whole image in one forward pass).
     ``tta``: average the maps of the four flips of every tile (:func:`flip_averaged`; four
     times the time).
     """
@@ -686,7 +699,7 @@ def stardist_candidates_tiled(
         for r0 in range(0, height, block)
         for c0 in range(0, width, block)
     ]
-    predictor = _Predictor(predict, tile)
+    predictor = _Predictor(predict)
     found = []
     with _progress(len(cores), progress, "StarDist", "block") as bar:
         for r0, r1, c0, c1 in cores:
@@ -851,6 +864,12 @@ UPSCALE_CLASSES = (0, 3)
 #: held-out synthetic +0.013 (three of five; large class-2 cells gain, long gray class-1 cells
 #: lose), with fewer matches broken by the challenge's frame (``benchmarks/bench_boundary.py``).
 MIRROR_CONTEXT = 16
+#: Images whose longer side (mirrored context included) is at most this many pixels are predicted
+#: by :class:`MultiStreamSegmenter` in one forward pass (``sliding_window(tile=None)``) instead of
+#: overlapping tiles of 512: the networks are fully convolutional, so the maps differ only where
+#: a tile's border cut the context, and each pixel is computed once. A 1024 x 1024 image (1056
+#: with its context) takes nine tiles of 512, 2.1 times its pixels.
+WHOLE_IMAGE_SIDE = 2048
 MULTISTREAM_FORMAT = "cellseg-lite-multistream"
 _MULTISTREAM_LAYOUT = 1
 #: Watershed settings (:class:`cellseg_lite.streams.hover.WatershedParams`) that a HoVer model's
@@ -956,8 +975,11 @@ class MultiStreamSegmenter:
     the four classes, each a :class:`StreamModel` (or a :class:`cellseg_lite.train.Checkpoint`),
     whose stream must be the one ``routing`` names for its class (``"paper"``, ``"code"`` or a
     dict, see :data:`ROUTINGS`); one model may serve several classes. ``tile``/``stride``: the
-    sliding window, 512 every 384 pixels for both streams by default (the paper's; the thresholds
-    are tuned on maps of that window; the authors' HoVer code steps 256: ``stride=256``). ``tta``:
+    sliding window, 512 every 384 pixels for both streams by default (the paper's; the authors'
+    HoVer code steps 256: ``stride=256``), for images with a side longer than
+    ``whole_image_side`` pixels; smaller ones are predicted in one forward pass
+    (:data:`WHOLE_IMAGE_SIDE`; ``None`` tiles every image larger than a tile, as the paper; the
+    thresholds are tuned on maps made the same way, :func:`cellseg_lite.train.predict_maps`). ``tta``:
     average the maps over the four flips of each tile (:func:`flip_averaged`); ``None`` (the
     default) does what each model's thresholds were tuned with (their ``"tta"`` entry), since
     flip-averaged maps are smoother and want their own thresholds. ``min_diameter``/``upscale``:
@@ -991,6 +1013,7 @@ class MultiStreamSegmenter:
         upscale_classes: Collection[int] = UPSCALE_CLASSES,
         sparse_cells: bool = True,
         mirror_context: int = MIRROR_CONTEXT,
+        whole_image_side: int | None = WHOLE_IMAGE_SIDE,
         device=None,
     ):
         from cellseg_lite.router import Router
@@ -1050,6 +1073,9 @@ class MultiStreamSegmenter:
             raise CellSegError(f"sparse_cells: expected True or False, got {sparse_cells!r}")
         self.sparse_cells = bool(sparse_cells)
         self.mirror_context = _check_int(mirror_context, "mirror_context", low=0)
+        self.whole_image_side = (
+            None if whole_image_side is None else _check_int(whole_image_side, "whole_image_side")
+        )
         if device is not None:
             self.to(device)
 
@@ -1160,8 +1186,13 @@ class MultiStreamSegmenter:
         stride = getattr(getattr(model.model, "unet", None), "output_stride", MIN_DIAMETER_STRIDE)
         return self.min_diameter * stride / MIN_DIAMETER_STRIDE
 
-    def _tiling(self, x: np.ndarray) -> tuple[int, int]:
-        """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike)."""
+    def _tiling(self, x: np.ndarray) -> tuple[int | None, int | None]:
+        """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike);
+        ``(None, None)``: one forward pass (:attr:`whole_image_side`)."""
+        height, width = x.shape[:2]
+        side = self.whole_image_side
+        if side is not None and max(height, width) <= side and height * width <= TILED_PIXELS:
+            return None, None
         # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
         tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
         return tile, min(self.stride or default_stride(self.tile), tile)
@@ -1255,6 +1286,7 @@ class MultiStreamSegmenter:
             "upscale_classes": list(self.upscale_classes),
             "sparse_cells": self.sparse_cells,
             "mirror_context": self.mirror_context,
+            "whole_image_side": self.whole_image_side,
             "router": router.checkpoint_dict(self.router),
             "models": [
                 {
@@ -1318,6 +1350,7 @@ class MultiStreamSegmenter:
             upscale_classes=checkpoint.get("upscale_classes", UPSCALE_CLASSES),
             sparse_cells=checkpoint.get("sparse_cells", True),
             mirror_context=checkpoint.get("mirror_context", MIRROR_CONTEXT),
+            whole_image_side=checkpoint.get("whole_image_side", WHOLE_IMAGE_SIDE),
             device=device,
         )
         segmenter.routing_name = str(name)  # e.g. "validated": a table chosen on validation images

@@ -394,14 +394,22 @@ def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
 
 
 def predict_maps(
-    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512, tta: bool = False
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    device=None,
+    tile: int = 512,
+    tta: bool = False,
 ) -> np.ndarray:
     """The stream's output maps ``(K, H, W)`` float32 of one network input ``(H, W, 3)`` in [0, 1].
 
     StarDist: ``prob`` then ``dist`` (``1 + R`` channels); HoVer: foreground probability, then
-    ``hv`` (3 channels). Images larger than ``tile`` go through
-    :func:`cellseg_lite.infer.sliding_window`; smaller ones through one forward pass. ``tta``:
-    the mean of the maps of the image's four flips (:func:`cellseg_lite.infer.flip_averaged`).
+    ``hv`` (3 channels). The window is the segmenter's default
+    (:class:`cellseg_lite.infer.MultiStreamSegmenter`), so that thresholds are tuned on the maps
+    it will make: an image with a side longer than :data:`cellseg_lite.infer.WHOLE_IMAGE_SIDE`
+    (and than ``tile``) goes through :func:`cellseg_lite.infer.sliding_window` with tiles of
+    ``tile``, others through one forward pass. ``tta``: the mean of the maps of the image's four flips
+    (:func:`cellseg_lite.infer.flip_averaged`).
     """
     from cellseg_lite import infer
     from cellseg_lite.streams.hover import ConvNeXtHover
@@ -411,11 +419,9 @@ def predict_maps(
     if tta:
         kind = "hover" if isinstance(model, ConvNeXtHover) else "stardist"
         predict = infer.flip_averaged(predict, kind)
-    height, width = image.shape[:2]
-    if max(height, width) > tile:
+    if max(image.shape[:2]) > max(infer.WHOLE_IMAGE_SIDE, tile):
         return infer.sliding_window(predict, image, tile=tile, stride=infer.default_stride(tile))
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))[None]
-    return np.asarray(predict(x))[0]
+    return infer.sliding_window(predict, image, tile=None)
 
 
 def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:

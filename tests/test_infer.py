@@ -79,6 +79,24 @@ def test_identity_reassembles_the_image(shape, tile, stride, blend):
     np.testing.assert_allclose(maps, image.transpose(2, 0, 1), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (40, 70), (100, 33)])
+def test_no_tile_predicts_the_whole_image_in_one_call(shape):
+    image = _image(shape, channels=2)
+    seen = []
+
+    def predict(x):
+        seen.append(tuple(x.shape))
+        return x * 2
+
+    maps = infer.sliding_window(predict, image, tile=None)
+    np.testing.assert_allclose(maps, 2 * image.transpose(2, 0, 1), atol=1e-6)
+    assert seen == [(1, 2, *shape)]
+    gray = infer.sliding_window(identity, image[..., 0], None, None)
+    np.testing.assert_array_equal(gray, image[None, ..., 0])
+    with pytest.raises(CellSegError, match=f"a batch of 1 tiles of {shape[0]} x {shape[1]} gave"):
+        infer.sliding_window(lambda x: x[..., :0], image, tile=None)
+
+
 def test_gray_and_integer_images_keep_their_values():
     image = np.random.default_rng(1).integers(0, 65535, (90, 130), dtype=np.uint16)
     maps = infer.sliding_window(identity, image, 64, 48, blend="mean")

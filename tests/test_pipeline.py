@@ -72,6 +72,9 @@ def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
         ("--mirror-context", "mirror_context", 0, None, infer.MIRROR_CONTEXT),
         ("--mirror-context", "mirror_context", 0, "0", 0),
         ("--mirror-context", "mirror_context", 0, "8", 8),
+        ("--whole-image-side", "whole_image_side", 0, None, infer.WHOLE_IMAGE_SIDE),
+        ("--whole-image-side", "whole_image_side", 0, "0", None),
+        ("--whole-image-side", "whole_image_side", 0, "64", 64),
     ],
 )
 def test_predict_sets_the_segmenters_pixel_options(
@@ -91,7 +94,7 @@ def test_predict_sets_the_segmenters_pixel_options(
     assert seen == [expected] and (tmp_path / "cells_label.tiff").is_file()
 
 
-@pytest.mark.parametrize("option", ["--min-diameter", "--mirror-context"])
+@pytest.mark.parametrize("option", ["--min-diameter", "--mirror-context", "--whole-image-side"])
 def test_predict_refuses_negative_pixels(demo_run, tmp_path, capsys, option):
     io.write_image(tmp_path / "a.png", synthetic.make_image(0, (64, 64), seed=0)[0])
     args = ["predict", "--model", str(demo_run / "model.pt"), "--out", str(tmp_path / "o")]

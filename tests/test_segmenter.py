@@ -112,6 +112,7 @@ def test_segment_normalises_as_the_training_data(segmenter, monkeypatch):
 def test_whole_slide_images_take_the_bounded_memory_path(segmenter, monkeypatch):
     monkeypatch.setattr(segmenter, "min_diameter", None)  # one pass at the image's own scale
     monkeypatch.setattr(segmenter, "mirror_context", 0)  # whole slides go without it
+    monkeypatch.setattr(segmenter, "whole_image_side", None)  # the same window both ways
     image, _ = synthetic.make_image(0, size=(160, 224), seed=1)
     whole = segmenter.segment(image)
     monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)
@@ -419,6 +420,13 @@ def test_the_upscaling_normalisation_and_context_rules_are_saved_and_checked(str
     for bad in (-1, 2.5, True, None):
         with pytest.raises(CellSegError, match="mirror_context: expected an integer >= 0"):
             infer.MultiStreamSegmenter(router.Router(), models, mirror_context=bad)
+    tiles = infer.MultiStreamSegmenter(router.Router(), models, whole_image_side=None)
+    tiles.save(tmp_path / "tiles.pt")
+    assert infer.MultiStreamSegmenter.load(tmp_path / "tiles.pt").whole_image_side is None
+    assert infer.MultiStreamSegmenter.load(tmp_path / "plain.pt").whole_image_side == 2048
+    for bad in (0, 2.5, True, "2048"):
+        with pytest.raises(CellSegError, match="whole_image_side: expected an integer >= 1"):
+            infer.MultiStreamSegmenter(router.Router(), models, whole_image_side=bad)
 
 
 def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
@@ -466,21 +474,53 @@ def test_both_streams_segment_with_the_window_their_thresholds_were_tuned_on(
 
     windows = []
 
-    def record(predict, image, tile, stride, **_):
+    def record(predict, image, tile=512, stride=384, **_):
         windows.append((tile, stride))
         raise Tiled  # the window is all this test needs, not the maps
 
     monkeypatch.setattr(infer, "sliding_window", record)
     image = np.random.default_rng(0).integers(0, 255, (1100, 1000, 3), dtype=np.uint8)
-    for category in (0, 1):  # StarDist, HoVer
-        with pytest.raises(Tiled):
-            segmenter.segment(image, category=category)
-    for stream in streams:  # the validation maps that train tunes the thresholds on
-        with pytest.raises(Tiled):
-            train.predict_maps(stream.model, image.astype(np.float32) / 255.0)
-    assert windows == [(512, 384)] * 4
+
+    def windows_of_both_streams():
+        windows.clear()
+        for category in (0, 1):  # StarDist, HoVer
+            with pytest.raises(Tiled):
+                segmenter.segment(image, category=category)
+        for stream in streams:  # the validation maps that train tunes the thresholds on
+            with pytest.raises(Tiled):
+                train.predict_maps(stream.model, image.astype(np.float32) / 255.0)
+        return windows
+
+    assert segmenter.whole_image_side == infer.WHOLE_IMAGE_SIDE >= 1100 + 2 * 16
+    assert windows_of_both_streams() == [(None, None)] * 2 + [(None, 384)] * 2  # one pass
+    monkeypatch.setattr(segmenter, "whole_image_side", 1000)
+    monkeypatch.setattr(infer, "WHOLE_IMAGE_SIDE", 1000)
+    assert windows_of_both_streams() == [(512, 384)] * 4
+    tiled = infer.MultiStreamSegmenter(
+        segmenter.router, segmenter.models, stride=256, whole_image_side=None
+    )
     with pytest.raises(Tiled):  # the authors' HoVer window, by name of its stride
-        infer.MultiStreamSegmenter(segmenter.router, segmenter.models, stride=256).segment(
-            image, category=1
-        )
+        tiled.segment(image, category=1)
     assert windows[-1] == (512, 256)
+
+
+def test_one_pass_covers_images_up_to_its_side_but_never_whole_slides(segmenter, monkeypatch):
+    seen = []
+
+    def sliding_window(predict, image, tile=512, stride=384, **_):
+        seen.append(tile)
+        return np.zeros((3, *image.shape[:2]), np.float32)
+
+    monkeypatch.setattr(infer, "sliding_window", sliding_window)
+    monkeypatch.setattr(segmenter, "min_diameter", None)
+    for side in (40, 100):
+        segmenter.segment(np.zeros((side, side + 20, 3), np.uint8), category=1)
+    monkeypatch.setattr(segmenter, "whole_image_side", 100)  # 100 + 20 + 2 * 16 > 100
+    segmenter.segment(np.zeros((100, 120, 3), np.uint8), category=1)
+    monkeypatch.setattr(segmenter, "whole_image_side", None)  # the paper's tiles
+    segmenter.segment(np.zeros((40, 60, 3), np.uint8), category=1)  # smaller than a tile
+    assert seen == [None, None, 160, 96]
+    monkeypatch.setattr(segmenter, "whole_image_side", 10**6)
+    monkeypatch.setattr(infer, "TILED_PIXELS", 50 * 50)  # a whole slide: tiles, whatever the side
+    assert segmenter._tiling(np.zeros((60, 60, 3))) == (64, 64)
+    assert segmenter._tiling(np.zeros((40, 60, 3))) == (None, None)
