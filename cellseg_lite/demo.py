@@ -36,7 +36,8 @@ class DemoResult(NamedTuple):
 
 def ablation_segmenters(segmenter, pretrained: dict) -> dict:
     """The methods of the paper's ablation: each pre-trained stream alone on every class, and the
-    multi-stream segmenter. ``pretrained``: ``{stream: train.Checkpoint}``."""
+    multi-stream segmenter. ``pretrained``: ``{stream: train.Checkpoint}``. The single streams
+    share the segmenter's window and its rules for small cells, normalisation and context."""
     from cellseg_lite import infer
 
     methods = {}
@@ -50,6 +51,9 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
             upscale_classes=segmenter.upscale_classes,
             sparse_cells=segmenter.sparse_cells,
             mirror_context=segmenter.mirror_context,
+            tile=segmenter.tile,
+            stride=segmenter.stride,
+            whole_image_side=segmenter.whole_image_side,
         )
         name = "ConvNeXt-StarDist" if stream == "stardist" else "ConvNeXt-HoVer"
         methods[f"{name}, pre-trained, one model"] = single

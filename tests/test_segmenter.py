@@ -429,7 +429,7 @@ def test_the_upscaling_normalisation_and_context_rules_are_saved_and_checked(str
             infer.MultiStreamSegmenter(router.Router(), models, whole_image_side=bad)
 
 
-def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
+def test_the_ablation_segmenters_share_the_segmenters_window_and_rules(streams):
     from cellseg_lite import demo
 
     star, hv = streams
@@ -441,6 +441,9 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
         upscale_classes=(0,),
         sparse_cells=False,
         mirror_context=5,
+        tile=256,
+        stride=128,
+        whole_image_side=None,
     )
     methods = demo.ablation_segmenters(segmenter, {"stardist": star, "hover": hv})
     assert list(methods)[-1] == "multi-stream (routed, fine-tuned)"
@@ -448,6 +451,7 @@ def test_the_ablation_segmenters_share_the_segmenters_upscaling_rule(streams):
         rules = (method.min_diameter, method.upscale, method.upscale_classes)
         assert rules == (9.0, 1.5, (0,))
         assert (method.sparse_cells, method.mirror_context) == (False, 5)
+        assert (method.tile, method.stride, method.whole_image_side) == (256, 128, None)
         assert method.router is segmenter.router
 
 
