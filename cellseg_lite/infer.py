@@ -348,13 +348,14 @@ def sliding_window(
     ((3, 100, 70), True)
     """
     _check_predict(predict)
+    batch_size = _check_int(batch_size, "batch_size")
+    _check_choice(blend, "blend", BLENDS)
+    _check_choice(pad_mode, "pad_mode", PAD_MODES)
     if tile is None:
         image = as_image(image, "image")
         return _Predictor(predict)(image.reshape(1, *image.shape[:2], -1))[0]
     tile, stride = _check_tiling(tile, stride)
-    batch_size = _check_int(batch_size, "batch_size")
     weight = blend_window(tile, blend)
-    _check_choice(pad_mode, "pad_mode", PAD_MODES)
     layout = _tiling(image, tile, stride, pad_mode)
     predictor = _Predictor(predict)
     with _progress(len(layout.ys) * len(layout.xs), progress, "sliding window", "tile") as bar:

@@ -186,6 +186,9 @@ def test_bad_settings(kwargs, match):
     settings = {"tile": 32, "stride": 24, **kwargs}
     with pytest.raises(CellSegError, match=match):
         infer.sliding_window(identity, _image((40, 40)), **settings)
+    if not {"tile", "stride"} & set(kwargs):  # checked in one pass too, though unused there
+        with pytest.raises(CellSegError, match=match):
+            infer.sliding_window(identity, _image((40, 40)), **{**settings, "tile": None})
 
 
 @pytest.mark.parametrize(
