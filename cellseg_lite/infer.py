@@ -69,6 +69,7 @@ __all__ = [
     "stardist_instances_tiled",
     "stardist_maps",
     "tile_starts",
+    "window",
 ]
 
 #: Tile weights of :func:`sliding_window`: a Gaussian bump (seamless) or flat (a plain mean).
@@ -968,6 +969,30 @@ def _shrink_labels(labels: np.ndarray, like: np.ndarray) -> np.ndarray:
     return relabel_sequential(small.astype(np.int32))[0]
 
 
+def window(
+    shape: tuple[int, ...],
+    tile: int = 512,
+    stride: int | None = None,
+    whole_image_side: int | None = WHOLE_IMAGE_SIDE,
+) -> tuple[int | None, int | None]:
+    """``(tile, stride)`` for :func:`sliding_window` of an image of ``shape``, as
+    :class:`MultiStreamSegmenter` predicts it and :func:`cellseg_lite.train.predict_maps` tunes
+    the thresholds on it: ``(None, None)`` (one forward pass) up to ``whole_image_side`` pixels a
+    side (and :data:`TILED_PIXELS` in all), else tiles of ``tile`` every ``stride`` (default
+    :func:`default_stride`); an image smaller than a tile gets one tile of its own size.
+
+    >>> window((1056, 1056)), window((2100, 1000)), window((300, 200), whole_image_side=None)
+    ((None, None), (512, 384), (320, 320))
+    """
+    height, width = shape[:2]
+    if whole_image_side is not None and max(height, width) <= whole_image_side:
+        if height * width <= TILED_PIXELS:
+            return None, None
+    # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
+    small = min(tile, -(-max(height, width) // 32) * 32)
+    return small, min(stride or default_stride(tile), small)
+
+
 class MultiStreamSegmenter:
     """The method at inference: route each image to its low-level class, then segment it with
     that class's stream model.
@@ -1188,15 +1213,9 @@ class MultiStreamSegmenter:
         return self.min_diameter * stride / MIN_DIAMETER_STRIDE
 
     def _tiling(self, x: np.ndarray) -> tuple[int | None, int | None]:
-        """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike);
-        ``(None, None)``: one forward pass (:attr:`whole_image_side`)."""
-        height, width = x.shape[:2]
-        side = self.whole_image_side
-        if side is not None and max(height, width) <= side and height * width <= TILED_PIXELS:
-            return None, None
-        # an image smaller than a tile is predicted in one tile of its own size (a multiple of 32)
-        tile = min(self.tile, -(-max(x.shape[:2]) // 32) * 32)
-        return tile, min(self.stride or default_stride(self.tile), tile)
+        """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike;
+        :func:`window`)."""
+        return window(x.shape, self.tile, self.stride, self.whole_image_side)
 
     def _segment(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
         """One pass over ``x``, with :attr:`mirror_context` pixels of mirrored context around it

@@ -394,22 +394,16 @@ def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
 
 
 def predict_maps(
-    model: nn.Module,
-    image: np.ndarray,
-    *,
-    device=None,
-    tile: int = 512,
-    tta: bool = False,
+    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512, tta: bool = False
 ) -> np.ndarray:
     """The stream's output maps ``(K, H, W)`` float32 of one network input ``(H, W, 3)`` in [0, 1].
 
     StarDist: ``prob`` then ``dist`` (``1 + R`` channels); HoVer: foreground probability, then
-    ``hv`` (3 channels). The window is the segmenter's default
-    (:class:`cellseg_lite.infer.MultiStreamSegmenter`), so that thresholds are tuned on the maps
-    it will make: an image with a side longer than :data:`cellseg_lite.infer.WHOLE_IMAGE_SIDE`
-    (and than ``tile``) goes through :func:`cellseg_lite.infer.sliding_window` with tiles of
-    ``tile``, others through one forward pass. ``tta``: the mean of the maps of the image's four flips
-    (:func:`cellseg_lite.infer.flip_averaged`).
+    ``hv`` (3 channels). The window is the segmenter's default (:func:`cellseg_lite.infer.window`
+    with tiles of ``tile``), so that thresholds are tuned on the maps it will make: one forward
+    pass up to :data:`cellseg_lite.infer.WHOLE_IMAGE_SIDE` pixels a side, else
+    :func:`cellseg_lite.infer.sliding_window`. ``tta``: the mean of the maps of the image's four
+    flips (:func:`cellseg_lite.infer.flip_averaged`).
     """
     from cellseg_lite import infer
     from cellseg_lite.streams.hover import ConvNeXtHover
@@ -419,9 +413,8 @@ def predict_maps(
     if tta:
         kind = "hover" if isinstance(model, ConvNeXtHover) else "stardist"
         predict = infer.flip_averaged(predict, kind)
-    if max(image.shape[:2]) > max(infer.WHOLE_IMAGE_SIDE, tile):
-        return infer.sliding_window(predict, image, tile=tile, stride=infer.default_stride(tile))
-    return infer.sliding_window(predict, image, tile=None)
+    tiling = infer.window(image.shape, tile, whole_image_side=infer.WHOLE_IMAGE_SIDE)
+    return infer.sliding_window(predict, image, *tiling)
 
 
 def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:

@@ -496,7 +496,7 @@ def test_both_streams_segment_with_the_window_their_thresholds_were_tuned_on(
         return windows
 
     assert segmenter.whole_image_side == infer.WHOLE_IMAGE_SIDE >= 1100 + 2 * 16
-    assert windows_of_both_streams() == [(None, None)] * 2 + [(None, 384)] * 2  # one pass
+    assert windows_of_both_streams() == [(None, None)] * 4  # one pass
     monkeypatch.setattr(segmenter, "whole_image_side", 1000)
     monkeypatch.setattr(infer, "WHOLE_IMAGE_SIDE", 1000)
     assert windows_of_both_streams() == [(512, 384)] * 4
