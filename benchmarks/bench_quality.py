@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 categories=sorted(topped_up),
             )
             # each class takes only what it is short of (make_dataset draws as many for all)
-            keep = {e.stem for e in made if int(e.stem.rsplit("_", 1)[1]) < topped_up[e.category]}
+            keep = {
+                e.stem
+                for c, n in topped_up.items()
+                for e in [m for m in made if m.category == c][:n]
+            }
             selection += [p for p in datasets.find_pairs(extra) if p.stem in keep]
     started = time.perf_counter()
     segmenter, stages = train.train_multistream(

@@ -41,11 +41,11 @@ TILE = 512
 def computed_share(side: int, stride: int | None) -> float:
     """Pixels a window feeds the network for a ``side``-pixel square (with the segmenter's
     mirrored context), over the square's own pixels."""
-    from cellseg_lite import infer
+    from cellseg_lite import infer, unet
 
     padded = side + 2 * infer.MIRROR_CONTEXT
     if stride is None:
-        rounded = -(-padded // 32) * 32  # the network pads to a multiple of its stride, 32
+        rounded = -(-padded // unet.MULTIPLE) * unet.MULTIPLE  # as the network pads its input
         return rounded**2 / side**2
     return len(infer.tile_starts(padded, TILE, stride)) ** 2 * TILE**2 / side**2
 
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|" + "---|" * len(windows),
     ]  # fmt: skip
     seconds: dict[str, list[float]] = {stem: [] for stem, _, _ in largest}
+    shown = {work: work_option(work, REPO)[0] for work in args.work}  # as the section names it
     gains = []
     started_all = time.perf_counter()
     for run, work in enumerate(args.work):
         segmenter = infer.MultiStreamSegmenter.load(work / "model.pt")
-        shown, _ = work_option(work, REPO / "runs" / "bench_quality")
         scores = {}
         for name, (stride, side) in windows.items():
             segmenter.stride, segmenter.whole_image_side = stride, side
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             per = [mean(v for s, v in f1.items() if real.modality[s] == m) for m in MODALITIES]
             share = " / ".join(f"{computed_share(n, stride):.2f}x" for n in (1024, second))
             score_lines.append(
-                f"| `{shown}` | {name} | {share} | {scores[name]:.3f} | "
+                f"| `{shown[work]}` | {name} | {share} | {scores[name]:.3f} | "
                 + " | ".join(f"{v:.3f}" for v in per) + f" | {total:.1f} |"
             )  # fmt: skip
             print(score_lines[-1], flush=True)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(f"{s:.2f}" for s in seconds[stem]) + " |"
         )  # fmt: skip
     minutes = (time.perf_counter() - started_all) / 60
-    option = " --work " + " ".join(str(work_option(w, REPO)[0]) for w in args.work)
+    option = " --work " + " ".join(map(str, shown.values()))
     if args.strides != [384]:
         option += " --strides " + " ".join(map(str, args.strides))
     section = f"""## Inference: the window, overlapping tiles or one forward pass
@@ -146,7 +146,7 @@ over the image's pixels. Challenge F1, mean of per-image F1, and the wall time o
 One pass against {reference}, VAL F1 change per segmenter:
 {", ".join(f"{g:+.4f}" for g in gains)} (mean {mean(gains):+.4f}).
 
-The largest images, median of {args.repeats} runs each (`{work_option(args.work[0], REPO)[0]}`):
+The largest images, median of {args.repeats} runs each (`{shown[args.work[0]]}`):
 
 {chr(10).join(time_lines)}
 
