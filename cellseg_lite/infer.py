@@ -1158,6 +1158,39 @@ class MultiStreamSegmenter:
         is one of ``upscale_classes`` (see the class);
         ``scale`` instead makes one pass at that scale whatever the cells' size.
         """
+        model, category, x = self._prepare(image, category)
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+                raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
+            return self._segment_at(model, x, float(scale), progress)
+        labels = self._segment(model, x, progress)
+        if self._wants_upscale(labels, category, model):
+            labels = self._segment_at(model, x, self.upscale, progress)
+        return labels
+
+    def maps(self, image, *, category: int | None = None, progress: bool = False):
+        """The maps that :meth:`segment` post-processes in its first pass: the routed model's
+        :class:`HoverMaps` or :class:`StarDistMaps` of ``image`` at its own scale, with the same
+        window and flips, the mirrored context cropped away (for inspecting a segmentation and
+        for trying other post-processing on the same maps). Whole slides (above
+        :data:`TILED_PIXELS`) are refused: their StarDist maps are never held whole."""
+        model, _, x = self._prepare(image, category)
+        if x.shape[0] * x.shape[1] > TILED_PIXELS:
+            raise CellSegError(
+                f"maps: a {x.shape[0]} x {x.shape[1]} image is a whole slide, segmented in "
+                "blocks without its full maps; crop a region to inspect"
+            )
+        pad = self.mirror_context
+        if pad:
+            widths = ((pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 2)
+            x = np.pad(x, widths, mode="reflect")
+        out = self._maps(model, x, progress)
+        if pad:
+            out = type(out)(*(m[..., pad:-pad, pad:-pad] for m in out))
+        return out
+
+    def _prepare(self, image, category) -> tuple[StreamModel, int, np.ndarray]:
+        """The model, class and network input (normalised, float32 in [0, 1]) of ``image``."""
         from cellseg_lite import io
 
         source = "image"
@@ -1174,15 +1207,7 @@ class MultiStreamSegmenter:
         if self.routing_name == "code" and image.shape[0] > CODE_TALL_IMAGE:
             model = next(m for c, m in self.models.items() if m.stream == "stardist")
         x = io.normalize_image(image, source=source, sparse_cells=self.sparse_cells)
-        x = x.astype(np.float32) / 255.0
-        if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-                raise CellSegError(f"scale: expected a number > 0 or None, got {scale!r}")
-            return self._segment_at(model, x, float(scale), progress)
-        labels = self._segment(model, x, progress)
-        if self._wants_upscale(labels, category, model):
-            labels = self._segment_at(model, x, self.upscale, progress)
-        return labels
+        return model, category, x.astype(np.float32) / 255.0
 
     def _segment_at(self, model: StreamModel, x: np.ndarray, scale: float, progress: bool):
         """One pass over ``x`` resized by ``scale``, its labels at ``x``'s size."""
@@ -1234,45 +1259,42 @@ class MultiStreamSegmenter:
         from cellseg_lite.streams import stardist as sd_stream
 
         t = dict(model.thresholds)
-        tta = bool(t.get("tta", False)) if self.tta is None else self.tta
-        tile, stride = self._tiling(x)
-        if model.stream == "stardist":
-            if x.shape[0] * x.shape[1] > TILED_PIXELS:
-                predict = model_predictor(model.model)
-                if tta:
-                    predict = flip_averaged(predict, "stardist")
-                return stardist_instances_tiled(
-                    predict,
-                    x,
-                    tile=tile,
-                    stride=stride,
-                    batch_size=self.batch_size,
-                    prob_thresh=t.get("prob_thresh", 0.5),
-                    nms_thresh=t.get("nms_thresh", 0.4),
-                    progress=progress,
-                )
-            prob, dist = stardist_maps(
-                model.model,
+        if model.stream == "stardist" and x.shape[0] * x.shape[1] > TILED_PIXELS:
+            predict = model_predictor(model.model)
+            if self._tta(model):
+                predict = flip_averaged(predict, "stardist")
+            tile, stride = self._tiling(x)
+            return stardist_instances_tiled(
+                predict,
                 x,
                 tile=tile,
                 stride=stride,
                 batch_size=self.batch_size,
-                tta=tta,
+                prob_thresh=t.get("prob_thresh", 0.5),
+                nms_thresh=t.get("nms_thresh", 0.4),
                 progress=progress,
             )
-            return sd_stream.instances(
-                prob, dist, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4)
-            )
-        fg, hv = hover_maps(
+        maps = self._maps(model, x, progress)
+        if model.stream == "stardist":
+            return sd_stream.instances(*maps, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4))
+        return hv_stream.instances(*maps, t.get("prob_thresh", 0.6), **hover_settings(t))
+
+    def _tta(self, model: StreamModel) -> bool:
+        return bool(model.thresholds.get("tta", False)) if self.tta is None else self.tta
+
+    def _maps(self, model: StreamModel, x: np.ndarray, progress: bool):
+        """``model``'s maps of network input ``x`` through the segmenter's window and flips."""
+        tile, stride = self._tiling(x)
+        draw = stardist_maps if model.stream == "stardist" else hover_maps
+        return draw(
             model.model,
             x,
             tile=tile,
             stride=stride,
             batch_size=self.batch_size,
-            tta=tta,
+            tta=self._tta(model),
             progress=progress,
         )
-        return hv_stream.instances(fg, hv, t.get("prob_thresh", 0.6), **hover_settings(t))
 
     # ----------------------------------------------------------------- one file
 

@@ -491,6 +491,50 @@ def test_watershed_steps_and_cell_diameter():
     assert hover.cell_diameter(np.zeros((8, 8)), np.zeros((2, 8, 8))) == (16.0, 16.0)
 
 
+def test_flood_is_the_last_step_and_true_cores_recover_touching_cells():
+    labels = synthetic.make_image(3, size=(128, 128), seed=4)[1]  # packed small nuclei
+    fg, hv = hover.noisy_maps(*hover.targets(labels), blur=3, noise=0.1, seed=0)  # blurred:
+    steps = hover.watershed_steps(fg, hv)  # the markers merge touching nuclei (F1 0.73)
+    np.testing.assert_array_equal(
+        hover.flood(steps.landscape, steps.markers, steps.foreground), steps.labels
+    )
+    cores = hover.cell_cores(labels)
+    assert set(np.unique(cores)) == set(np.unique(labels))  # every cell keeps a seed, same id
+    assert np.all((cores == 0) | (cores == labels))
+    # touching cores stay apart: no pixel of one core touches another core
+    grown = ndi.grey_dilation(cores, size=3)
+    assert not np.any((cores > 0) & (grown != cores) & (grown > 0))
+    # one seed per true cell on the same landscape and foreground separates them all
+    assert metrics.f1_score(labels, steps.labels) < 0.8
+    assert metrics.f1_score(labels, hover.flood(steps.landscape, cores, steps.foreground)) > 0.95
+    assert metrics.f1_score(labels, hover.flood(steps.landscape, cores, labels > 0)) > 0.95
+
+
+def test_flood_keeps_or_drops_what_no_marker_reaches():
+    mask = np.zeros((10, 20), bool)
+    mask[2:8, 2:8] = mask[2:8, 12:18] = True
+    markers = np.zeros((10, 20), np.int32)
+    markers[4, 4] = 1
+    kept = hover.flood(np.zeros((10, 20), np.float32), markers, mask)
+    assert np.unique(kept).tolist() == [0, 1, 2] and (kept[mask] > 0).all()
+    dropped = hover.flood(np.zeros((10, 20), np.float32), markers, mask, keep_unmarked=False)
+    assert np.unique(dropped).tolist() == [0, 1] and not dropped[:, 10:].any()
+
+
+@pytest.mark.parametrize(
+    ("labels", "depth", "message"),
+    [
+        (np.zeros((4, 4), np.float32), 0.5, "2-D integer label image"),
+        (np.zeros((2, 4, 4), np.int32), 0.5, "2-D integer label image"),
+        (np.zeros((4, 4), np.int32), 1.5, r"depth: expected a number in \[0, 1\]"),
+        (np.zeros((4, 4), np.int32), True, "depth"),
+    ],
+)
+def test_cell_cores_input_errors(labels, depth, message):
+    with pytest.raises(CellSegError, match=message):
+        hover.cell_cores(labels, depth)
+
+
 def test_instances_input_errors():
     prob, hv = np.zeros((16, 16)), np.zeros((2, 16, 16))
     with pytest.raises(CellSegError, match=r"foreground_prob: expected a non-empty \(H, W\)"):

@@ -155,6 +155,31 @@ def test_images_are_segmented_with_mirrored_context_around_them(segmenter, monke
     assert seen[2].shape == (40, 60, 3)
 
 
+def test_maps_are_what_the_first_pass_post_processes(segmenter, monkeypatch):
+    from cellseg_lite.streams import hover as hv_stream
+    from cellseg_lite.streams import stardist as sd_stream
+
+    monkeypatch.setattr(segmenter, "min_diameter", None)
+    image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    hover = segmenter.maps(image, category=1)
+    star = segmenter.maps(image, category=0)
+    assert isinstance(hover, infer.HoverMaps) and isinstance(star, infer.StarDistMaps)
+    assert hover.foreground_prob.shape == (40, 60) and hover.hv.shape == (2, 40, 60)
+    assert star.prob.shape == (40, 60) and star.dist.shape == (8, 40, 60)
+    monkeypatch.setattr(segmenter, "mirror_context", 0)  # then post-processing them is segment
+    fg, hv = segmenter.maps(image, category=1)
+    np.testing.assert_array_equal(
+        hv_stream.instances(fg, hv, 0.6), segmenter.segment(image, category=1)
+    )
+    prob, dist = segmenter.maps(image, category=0)
+    np.testing.assert_array_equal(
+        sd_stream.instances(prob, dist, 0.5, 0.4), segmenter.segment(image, category=0)
+    )
+    monkeypatch.setattr(infer, "TILED_PIXELS", 30 * 30)
+    with pytest.raises(CellSegError, match="maps: a 40 x 60 image is a whole slide"):
+        segmenter.maps(image)
+
+
 def test_save_and_load_as_one_file(segmenter, tmp_path):
     path = tmp_path / "model.pt"
     segmenter.save(path)

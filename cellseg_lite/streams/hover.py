@@ -58,8 +58,10 @@ __all__ = [
     "LossTerms",
     "WatershedParams",
     "WatershedSteps",
+    "cell_cores",
     "cell_diameter",
     "contact_weights",
+    "flood",
     "foreground_probability",
     "hv_gradients",
     "instances",
@@ -741,7 +743,6 @@ def watershed_steps(
     ``preset`` names an entry of :data:`PRESETS` (or is a :class:`WatershedParams`); keyword
     ``settings`` override single fields (``sobel_size=15``) and are checked.
     """
-    from skimage.segmentation import watershed
 
     prob, hv, prob_thresh = _check_maps(foreground_prob, hv, prob_thresh)
     p = _params(preset, settings)
@@ -793,11 +794,7 @@ def watershed_steps(
         sigma = 0.3 * (radius - 1) + 0.8
         landscape = ndi.gaussian_filter(landscape, sigma, radius=radius, mode="mirror")
     landscape = (-landscape).astype(np.float32)
-    labels = watershed(landscape, markers, mask=foreground)
-    if p.keep_unmarked:
-        unmarked, n_unmarked = ndi.label(foreground & (labels == 0))
-        if n_unmarked:
-            labels = np.where(unmarked > 0, unmarked + labels.max(), labels)
+    labels = flood(landscape, markers, foreground, keep_unmarked=p.keep_unmarked)
     return WatershedSteps(
         foreground=foreground,
         gradients=gradients,
@@ -808,6 +805,51 @@ def watershed_steps(
         diameter=diameter,
         kernel=kernel,
     )
+
+
+def flood(
+    landscape: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, keep_unmarked: bool = True
+) -> np.ndarray:
+    """Step 4 of :func:`watershed_steps`: the watershed of ``landscape`` from ``markers`` (int,
+    0 none) inside ``mask``. With ``keep_unmarked``, parts of the mask that no marker reaches
+    become cells of their own. Other seeds on the same landscape (``steps.landscape``) show what
+    the markers cost, e.g. :func:`cell_cores` of the true cells."""
+    from skimage.segmentation import watershed
+
+    labels = watershed(landscape, markers, mask=mask)
+    if keep_unmarked:
+        unmarked, n_unmarked = ndi.label(mask & (labels == 0))
+        if n_unmarked:
+            labels = np.where(unmarked > 0, unmarked + labels.max(), labels)
+    return labels
+
+
+def cell_cores(labels: np.ndarray, depth: float = 0.5) -> np.ndarray:
+    """One seed per cell of ``labels`` (same ids): its pixels at least ``depth`` (0-1) times as far
+    from the cell's outside as its deepest pixel. The cores of touching cells stay apart, which
+    makes them the seeds a perfect marker step would find.
+
+    >>> labels = np.zeros((9, 14), np.int32)
+    >>> labels[1:8, 1:7], labels[1:8, 7:13] = 1, 2      # two touching squares
+    >>> cores = cell_cores(labels)
+    >>> sorted(np.unique(cores).tolist()), bool((cores[:, 6:8] == 0).all())
+    ([0, 1, 2], True)
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise CellSegError(
+            f"labels: expected a 2-D integer label image, got {labels.dtype} {labels.shape}"
+        )
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Real) or not 0 <= depth <= 1:
+        raise CellSegError(f"depth: expected a number in [0, 1], got {depth!r}")
+    cores = np.zeros_like(labels)
+    for cell, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        inside = labels[box] == cell
+        distance = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        cores[box][inside & (distance >= depth * distance.max())] = cell
+    return cores
 
 
 def instances(
