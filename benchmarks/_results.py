@@ -145,6 +145,20 @@ def quality_run(work: Path, *folders: str):
         raise SystemExit(str(err)) from err
 
 
+def held_out_synthetic(work: Path) -> tuple[list, list[int]]:
+    """A ``bench_quality.py`` run's held-out synthetic images ``(stem, image, labels)`` and the
+    low-level class of each, from its true labels (:func:`cellseg_lite.categorize.
+    low_level_category`)."""
+    from cellseg_lite import datasets, io
+    from cellseg_lite.categorize import low_level_category
+
+    images = [
+        (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
+        for s in datasets.find_pairs(work / "synthetic_test")
+    ]
+    return images, [low_level_category(image, labels) for _, image, labels in images]
+
+
 def real_mini(*, required: bool = False) -> RealMini | None:
     """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent,
     or, with ``required``, exit with a message saying where it was looked for."""

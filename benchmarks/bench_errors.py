@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import (  # noqa: E402
     MODALITIES,
+    held_out_synthetic,
     machine,
     now,
     quality_run,
@@ -100,9 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    from cellseg_lite import datasets
-    from cellseg_lite.categorize import low_level_category
-
     real = real_mini(required=True)
     real_images = load(real.val)
     real_groups = [real.modality[stem] for stem, _, _ in real_images]
@@ -111,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         shown, _ = work_option(work, DEFAULT_WORK)
         segmenter = quality_run(work, "synthetic_test")
         print(f"{shown}: segmenting", flush=True)
-        synthetic = load(datasets.find_pairs(work / "synthetic_test"))
-        classes = [f"class {low_level_category(image, labels)}" for _, image, labels in synthetic]
+        synthetic, classes = held_out_synthetic(work)
+        classes = [f"class {c}" for c in classes]
         totals = count_kinds(segmenter.segment, real_images, real_groups)
         real_rows += [(shown, g, totals[g]) for g in (*MODALITIES, "all") if g in totals]
         c = totals["all"]

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import (  # noqa: E402
     MODALITIES,
     add_run_options,
+    held_out_synthetic,
     machine,
     mean,
     now,
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seeds = run_seeds(parser, args)
 
-    from cellseg_lite import datasets, metrics
-    from cellseg_lite.categorize import low_level_category
+    from cellseg_lite import metrics
 
     real = real_mini(required=True)
     # the same VAL images for every run: read once
@@ -177,9 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shown}: rebuilding the last-weights segmenter", flush=True)
         best, last, notes = keep_last(work, seed, real)
         note_lines += [f"- `{shown}`, {note}" for note in notes]
-        synthetic = load(datasets.find_pairs(work / "synthetic_test"))
+        synthetic, synthetic_classes = held_out_synthetic(work)
         sets = {"real": real_images, "synthetic": synthetic}
-        synthetic_classes = [low_level_category(image, labels) for _, image, labels in synthetic]
         totals = {}
         for keep, segmenter in zip(KEEPS, (best, last), strict=True):
             rows = metrics.evaluate_segmenter(segmenter.segment, sets["real"])
