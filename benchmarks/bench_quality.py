@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         "than the preset's writes its own section)",
     )
     parser.add_argument(
+        "--hover-cores",
+        action="store_true",
+        help="give the HoVer network a third CP class for each cell's core, whose probability "
+        "seeds the watershed (TrainConfig.hover_cores; writes its own section)",
+    )
+    parser.add_argument(
         "--topup-selection",
         action="store_true",
         help="give every class at least train.MIN_SELECTION_IMAGES selection images, topping the "
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "decoder": args.decoder,
             "patch_sampling": args.patch_sampling,
             "contact_weight": args.contact_weight,
+            "hover_cores": args.hover_cores,
         },
         progress=False,
         log=lambda message: print(message, flush=True),
@@ -269,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if not default_contact:
         options += f" --contact-weight {args.contact_weight:g}"
         more += f", the HoVer loss weighted up where cells touch (`contact_weight={args.contact_weight:g}`)"
+    if args.hover_cores:
+        options += " --hover-cores"
+        more += ", a HoVer network with a core class that seeds the watershed (`hover_cores=True`)"
     if args.topup_selection:
         options += " --topup-selection"
         more += f", every class with {train.MIN_SELECTION_IMAGES} or more selection images"
@@ -339,6 +349,8 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
             key += f"_{args.patch_sampling}_sampling"
         if not default_contact:
             key += f"_contact{args.contact_weight:g}"
+        if args.hover_cores:
+            key += "_cores"
         if args.topup_selection:
             key += "_topup"
         write_section(key, section)

@@ -53,6 +53,7 @@ __all__ = [
     "TTA_MAPS",
     "WHOLE_IMAGE_SIDE",
     "HOVER_TUNED",
+    "HoverCoreMaps",
     "HoverMaps",
     "MultiStreamSegmenter",
     "StarDistMaps",
@@ -60,6 +61,7 @@ __all__ = [
     "blend_window",
     "default_stride",
     "flip_averaged",
+    "hover_instances",
     "hover_maps",
     "hover_settings",
     "inscribed_diameter",
@@ -380,8 +382,12 @@ def _combine_outputs(out, outputs) -> torch.Tensor:
     if callable(outputs):
         out = outputs(out)
     elif outputs == "hover" or (outputs == "auto" and isinstance(out, _hover().HoverOutput)):
-        cp, hv = out
-        out = torch.cat([torch.softmax(cp.float(), dim=1)[:, 1:2], hv.float()], dim=1)
+        hover = _hover()
+        cp, hv = out[0].float(), out[1].float()
+        maps = [hover.foreground_probability(cp)[:, None], hv]
+        if cp.shape[1] == 3:  # a core class: its probability is a fourth map
+            maps.append(hover.core_probability(cp)[:, None])
+        out = torch.cat(maps, dim=1)
     elif isinstance(out, tuple | list):
         out = torch.cat([o.float() for o in out], dim=1)
     if not isinstance(out, torch.Tensor):
@@ -495,10 +501,11 @@ def flip_averaged(predict: Callable, maps: str) -> Callable[[torch.Tensor], np.n
                     f"predict: tiles {tuple(x.shape)} gave maps of shape {out.shape}; "
                     "test-time flips need maps (B, K, tile, tile) of the tiles' size"
                 )
-            if maps == "hover" and out.shape[1] != 3:
+            if maps == "hover" and out.shape[1] not in (3, 4):
                 raise CellSegError(
                     f"predict: {out.shape[1]} channels are not HoVer maps (foreground "
-                    "probability, horizontal, vertical: 3 channels)"
+                    "probability, horizontal, vertical, and the core probability of a network "
+                    "with cores: 3 or 4 channels)"
                 )
             if maps == "stardist" and (out.shape[1] < 4 or (out.shape[1] - 1) % 2):
                 raise CellSegError(
@@ -525,6 +532,29 @@ class HoverMaps(NamedTuple):
 
     foreground_prob: np.ndarray
     hv: np.ndarray
+
+
+class HoverCoreMaps(NamedTuple):
+    """What :func:`hover_maps` returns for a network with a core class
+    (``ConvNeXtHover(cores=True)``): :class:`HoverMaps`'s two and ``core_prob (H, W)``."""
+
+    foreground_prob: np.ndarray
+    hv: np.ndarray
+    core_prob: np.ndarray
+
+
+def hover_instances(maps: HoverMaps | HoverCoreMaps, thresholds: dict) -> np.ndarray:
+    """Labels of a HoVer model's maps with its tuned ``thresholds`` (``prob_thresh`` and
+    :data:`HOVER_TUNED`), seeded by the core probability where the maps have one."""
+    from cellseg_lite.streams import hover
+
+    return hover.instances(
+        maps.foreground_prob,
+        maps.hv,
+        thresholds.get("prob_thresh", 0.6),
+        core_prob=getattr(maps, "core_prob", None),
+        **hover_settings(thresholds),
+    )
 
 
 def _network_input(image) -> np.ndarray:
@@ -600,7 +630,8 @@ def hover_maps(
     progress: bool = False,
 ) -> HoverMaps:
     """A HoVer network's maps of a whole image: ``foreground_prob (H, W)`` (softmax of the CP
-    logits, cell channel) and ``hv (2, H, W)``, blended after the softmax.
+    logits, cell channel) and ``hv (2, H, W)``, blended after the softmax; a network with a core
+    class adds ``core_prob (H, W)`` (:class:`HoverCoreMaps`).
 
     ``image`` is already the network input: ``(H, W, 3)`` float32 in [0, 1], that is
     ``io.normalize_image(raw) / 255``. Tiles of 512 every 384 pixels, the paper's window (the
@@ -621,6 +652,8 @@ def hover_maps(
         blend=blend,
         progress=progress,
     )
+    if len(maps) == 4:
+        return HoverCoreMaps(maps[0], maps[1:3], maps[3])
     return HoverMaps(maps[0], maps[1:])
 
 
@@ -881,6 +914,7 @@ HOVER_TUNED = (
     "marker_min_fraction",
     "foreground_min_fraction",
     "marker_min_prob",
+    "core_threshold",
 )
 
 
@@ -1255,7 +1289,6 @@ class MultiStreamSegmenter:
         return relabel_sequential(labels[pad:-pad, pad:-pad])[0]  # cells of the context go
 
     def _segment_once(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
-        from cellseg_lite.streams import hover as hv_stream
         from cellseg_lite.streams import stardist as sd_stream
 
         t = dict(model.thresholds)
@@ -1277,7 +1310,7 @@ class MultiStreamSegmenter:
         maps = self._maps(model, x, progress)
         if model.stream == "stardist":
             return sd_stream.instances(*maps, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4))
-        return hv_stream.instances(*maps, t.get("prob_thresh", 0.6), **hover_settings(t))
+        return hover_instances(maps, t)
 
     def _tta(self, model: StreamModel) -> bool:
         return bool(model.thresholds.get("tta", False)) if self.tta is None else self.tta

@@ -116,7 +116,10 @@ class TrainConfig:
     loss variant (``"paper"`` or ``"code"``). ``contact_weight``: weight the HV terms of the
     HoVer loss up by this much where cells touch
     (:func:`cellseg_lite.streams.hover.contact_weights`); 0, the paper, weights every pixel
-    alike, and StarDist ignores it as HoVer ignores ``loss``. ``num_workers``: DataLoader
+    alike, and StarDist ignores it as HoVer ignores ``loss``. ``hover_cores``: give the HoVer
+    network a third CP class for each cell's core (``ConvNeXtHover(cores=True)``, this project's
+    extension: its probability seeds the watershed instead of the HV slopes; False, the paper).
+    ``num_workers``: DataLoader
     processes computing patches and targets. ``tta``: tune the post-processing on flip-averaged maps
     (:func:`cellseg_lite.infer.flip_averaged`), which the segmenter then predicts too (four
     forward passes per tile); ``None`` means for HoVer only (:func:`uses_tta`). The periodic
@@ -148,6 +151,7 @@ class TrainConfig:
     channels_last: bool | None = None
     loss: str = "paper"
     contact_weight: float = 0.0
+    hover_cores: bool = False
     num_workers: int = 0
     tta: bool | None = None
     seed: int = 0
@@ -231,8 +235,9 @@ def _check_config(c: TrainConfig) -> None:
         and 0 < c.ema_decay < 1
     ):
         raise CellSegError(f"ema_decay: expected a number in (0, 1) or None, got {c.ema_decay!r}")
-    if not isinstance(c.freeze_batchnorm, bool):
-        raise CellSegError(f"freeze_batchnorm: expected True or False, got {c.freeze_batchnorm!r}")
+    for name in ("freeze_batchnorm", "hover_cores"):
+        if not isinstance(getattr(c, name), bool):
+            raise CellSegError(f"{name}: expected True or False, got {getattr(c, name)!r}")
     if not all(isinstance(m, int | float) and 0 < m < 1 for m in c.lr_milestones):
         raise CellSegError(
             f"lr_milestones: expected fractions of the run in (0, 1), got {c.lr_milestones!r}"
@@ -323,11 +328,17 @@ def build_model(config: TrainConfig, *, pretrained: bool | None = None) -> nn.Mo
         )
     from cellseg_lite.streams.hover import ConvNeXtHover
 
-    return ConvNeXtHover(config.backbone, pretrained=pretrained, decoder=config.decoder)
+    return ConvNeXtHover(
+        config.backbone, pretrained=pretrained, decoder=config.decoder, cores=config.hover_cores
+    )
 
 
 def _targets(
-    stream: str, labels: np.ndarray, n_rays: int, contact_weight: float = 0.0
+    stream: str,
+    labels: np.ndarray,
+    n_rays: int,
+    contact_weight: float = 0.0,
+    hover_cores: bool = False,
 ) -> dict[str, torch.Tensor]:
     if stream == "stardist":
         from cellseg_lite.streams import stardist
@@ -337,6 +348,8 @@ def _targets(
     from cellseg_lite.streams import hover
 
     foreground, hv = hover.targets(labels)
+    if hover_cores:  # classes 0 background, 1 cell, 2 core
+        foreground = foreground + (hover.cell_cores(labels) > 0).astype(np.float32)
     targets = {"foreground": torch.from_numpy(foreground), "hv": torch.from_numpy(hv)}
     if contact_weight:
         targets["hv_weight"] = torch.from_numpy(hover.contact_weights(labels, contact_weight))
@@ -348,17 +361,26 @@ class StreamDataset(torch.utils.data.Dataset):
 
     Wraps a :class:`cellseg_lite.datasets.PatchDataset` and adds, per item, the targets of the
     stream computed from the augmented labels: ``prob (1, P, P)`` and ``dist (R, P, P)`` for
-    StarDist, ``foreground (P, P)`` and ``hv (2, P, P)`` for HoVer, and ``hv_weight (P, P)``
-    with a ``contact_weight``. Runs in DataLoader workers when ``num_workers > 0``.
+    StarDist, ``foreground (P, P)`` and ``hv (2, P, P)`` for HoVer (``foreground`` 0/1/2 with
+    ``hover_cores``: background, cell, core), and ``hv_weight (P, P)`` with a
+    ``contact_weight``. Runs in DataLoader workers when ``num_workers > 0``.
     """
 
-    def __init__(self, patches, stream: str, n_rays: int = 32, contact_weight: float = 0.0):
+    def __init__(
+        self,
+        patches,
+        stream: str,
+        n_rays: int = 32,
+        contact_weight: float = 0.0,
+        hover_cores: bool = False,
+    ):
         if stream not in STREAMS:
             raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {stream!r}")
         self.patches = patches
         self.stream = stream
         self.n_rays = int(n_rays)
         self.contact_weight = float(contact_weight)
+        self.hover_cores = bool(hover_cores)
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -368,7 +390,10 @@ class StreamDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.patches[index]
-        item.update(_targets(self.stream, item["labels"].numpy(), self.n_rays, self.contact_weight))
+        labels = item["labels"].numpy()
+        item.update(
+            _targets(self.stream, labels, self.n_rays, self.contact_weight, self.hover_cores)
+        )
         return item
 
 
@@ -418,19 +443,18 @@ def predict_maps(
 
 
 def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:
-    """Instance labels ``(H, W)`` from :func:`predict_maps` output and post-processing thresholds."""
+    """Instance labels ``(H, W)`` from :func:`predict_maps` output and post-processing thresholds
+    (HoVer: 3 maps, or 4 with the core probability of a network with cores)."""
     if stream == "stardist":
         from cellseg_lite.streams import stardist
 
         return stardist.instances(
             maps[0], maps[1:], thresholds.get("prob_thresh", 0.5), thresholds.get("nms_thresh", 0.4)
         )
-    from cellseg_lite.infer import hover_settings
-    from cellseg_lite.streams import hover
+    from cellseg_lite import infer
 
-    return hover.instances(
-        maps[0], maps[1:], thresholds.get("prob_thresh", 0.6), **hover_settings(thresholds)
-    )
+    split = infer.HoverCoreMaps(maps[0], maps[1:3], maps[3]) if len(maps) == 4 else None
+    return infer.hover_instances(split or infer.HoverMaps(maps[0], maps[1:]), thresholds)
 
 
 def _default_thresholds(stream: str) -> dict:
@@ -446,7 +470,7 @@ HOVER_SIZE_FLOORS = (
 )
 
 
-def _threshold_grid(stream: str) -> list[dict]:
+def _threshold_grid(stream: str, *, cores: bool = False) -> list[dict]:
     if stream == "stardist":
         return [{"prob_thresh": p, "nms_thresh": 0.4} for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
     # HoVer: the marker threshold too, since a network's HV slopes are shallower than the exact
@@ -455,12 +479,21 @@ def _threshold_grid(stream: str) -> list[dict]:
     # maps carry specks and fragments that exact targets do not (tuned per class on the
     # selection split, it raised two trained segmenters' real-mini val F1 by 0.024 and 0.042,
     # benchmarks/bench_postprocess.py in RESULTS.md)
+    # (a network with cores: the core probability threshold in place of the marker threshold)
+    markers = (
+        ("core_threshold", HOVER_CORE_THRESHOLDS) if cores else ("marker_threshold", (0.25, 0.5))
+    )
     return [
-        {"prob_thresh": p, "marker_threshold": m, **floor}
+        {"prob_thresh": p, markers[0]: m, **floor}
         for p in (0.4, 0.5, 0.6, 0.7, 0.8)
-        for m in (0.25, 0.5)
+        for m in markers[1]
         for floor in HOVER_SIZE_FLOORS
     ]
+
+
+#: Core probabilities above which a pixel seeds the watershed, tried by the threshold tuning of a
+#: HoVer network with cores (``TrainConfig.hover_cores``).
+HOVER_CORE_THRESHOLDS = (0.3, 0.5)
 
 
 #: Least cell probabilities of a HoVer marker pixel (``WatershedParams.marker_min_prob``) that
@@ -482,9 +515,9 @@ def best_thresholds(model: nn.Module, stream: str, val, *, tta: bool = False) ->
     threshold and the size floors), then for HoVer the best candidate with markers only on
     confident pixels (:data:`HOVER_MARKER_PROBS`), kept where it scores higher. One prediction
     per image (:func:`evaluate_stream`)."""
-    return evaluate_stream(
-        model, stream, val, _threshold_grid(stream), tta=tta, refine=_threshold_refinements(stream)
-    )
+    cores = bool(getattr(model, "cores", False))
+    grid = _threshold_grid(stream, cores=cores)
+    return evaluate_stream(model, stream, val, grid, tta=tta, refine=_threshold_refinements(stream))
 
 
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -692,9 +725,11 @@ def _read_checkpoint(path: Path, device) -> dict:
 
 def _check_compatible(saved: TrainConfig, wanted: TrainConfig, path) -> None:
     """Refuse weights of another architecture with a message naming the difference."""
-    for name in ("stream", "backbone", "decoder", "n_rays"):
+    for name in ("stream", "backbone", "decoder", "n_rays", "hover_cores"):
         old, new = getattr(saved, name), getattr(wanted, name)
-        if name == "n_rays" and saved.stream != "stardist":
+        if (name == "n_rays" and saved.stream != "stardist") or (
+            name == "hover_cores" and saved.stream != "hover"
+        ):
             continue
         if old != new:
             raise CellSegError(
@@ -960,7 +995,9 @@ def train_stream(
     if config.patch_sampling == "size":  # decodes every image once; the cache keeps them
         shapes = [patches.load(index)[1].shape for index in range(len(train_samples))]
         patches.repeats = datasets.size_repeats(shapes)
-    data = StreamDataset(patches, config.stream, config.n_rays, config.contact_weight)
+    data = StreamDataset(
+        patches, config.stream, config.n_rays, config.contact_weight, config.hover_cores
+    )
     if config.num_workers:  # decode every image once here: forked workers inherit the cache
         for index in range(len(train_samples)):
             patches.load(index)

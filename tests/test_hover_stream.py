@@ -296,6 +296,69 @@ def test_markers_only_where_confident_split_cells_the_hv_maps_merge():
     assert np.array_equal(hover.instances(prob, merged_hv, marker_min_prob=0.0), anywhere.labels)
 
 
+def test_core_markers_split_cells_that_the_hv_maps_merge():
+    # the same two touching squares drawn as one cell by the HV maps, and a core map that
+    # separates them: the markers come from the cores, the landscape and foreground as before
+    labels = np.zeros((32, 48), np.int32)
+    labels[6:26, 4:24], labels[6:26, 24:44] = 1, 2
+    _, merged_hv = hover.targets((labels > 0).astype(np.int32))
+    prob = (labels > 0).astype(np.float32)
+    core = (hover.cell_cores(labels) > 0).astype(np.float32)
+    plain = hover.watershed_steps(prob, merged_hv, 0.6)
+    cored = hover.watershed_steps(prob, merged_hv, 0.6, core_prob=core)
+    assert plain.labels.max() == 1 and cored.markers.max() == 2 and cored.labels.max() == 2
+    assert np.array_equal(cored.foreground, plain.foreground)
+    assert np.array_equal(cored.energy, plain.energy)
+    assert metrics.f1_score(labels, cored.labels, drop_boundary=False) == 1.0
+    assert np.array_equal(hover.instances(prob, merged_hv, core_prob=core), cored.labels)
+    # a core probability below the threshold seeds nothing (the foreground stays one cell)
+    assert hover.watershed_steps(prob, merged_hv, core_prob=core * 0.4).markers.max() == 0
+    lower = hover.watershed_steps(prob, merged_hv, core_prob=core * 0.4, core_threshold=0.3)
+    assert lower.markers.max() == 2
+    with pytest.raises(CellSegError, match="core_prob: expected an"):
+        hover.watershed_steps(prob, merged_hv, core_prob=core[:, :10])
+    with pytest.raises(CellSegError, match="core_prob must not contain NaN"):
+        hover.watershed_steps(prob, merged_hv, core_prob=core * np.nan)
+    with pytest.raises(CellSegError, match=r"core_threshold: expected a number in \[0.0, 1.0\]"):
+        hover.watershed_steps(prob, merged_hv, core_prob=core, core_threshold=2)
+
+
+def test_a_network_with_cores_has_a_third_cp_class():
+    torch.manual_seed(0)
+    net = hover.ConvNeXtHover("convnext_atto", cores=True).eval()
+    assert net.cores and not hover.ConvNeXtHover("convnext_atto").cores
+    with torch.no_grad():
+        cp, hv = net(torch.rand(1, 3, 64, 64))
+    assert cp.shape == (1, 3, 64, 64) and hv.shape == (1, 2, 64, 64)
+    prob = torch.softmax(cp, dim=1)
+    torch.testing.assert_close(hover.foreground_probability(cp), prob[:, 1] + prob[:, 2])
+    torch.testing.assert_close(hover.core_probability(cp), prob[:, 2])
+    # a two-class map: the cell channel, as before
+    two = torch.randn(1, 2, 8, 8)
+    torch.testing.assert_close(hover.foreground_probability(two), torch.softmax(two, 1)[:, 1])
+
+
+def test_the_loss_with_cores_takes_three_classes_and_keeps_the_hv_terms():
+    labels = synthetic.make_image(3, size=(64, 64), seed=1)[1]
+    fg, hv = hover.targets(labels)
+    classes = fg + (hover.cell_cores(labels) > 0)
+    assert set(np.unique(classes)) == {0.0, 1.0, 2.0}
+    torch.manual_seed(0)
+    cp, pred_hv = torch.randn(1, 3, 64, 64), torch.randn(1, 2, 64, 64)
+    terms = hover.loss_terms(cp, pred_hv, classes[None], hv[None])
+    expected_ce = torch.nn.functional.cross_entropy(cp, torch.from_numpy(classes[None]).long())
+    torch.testing.assert_close(terms.ce, expected_ce)
+    # the HV terms see every cell pixel, core or not: the same as with a two-class target
+    two = hover.loss_terms(cp[:, :2], pred_hv, fg[None], hv[None])
+    torch.testing.assert_close(terms.mse, two.mse)
+    torch.testing.assert_close(terms.msge, two.msge)
+    assert torch.isfinite(terms.dice) and terms.dice > two.dice  # one class more to match
+    with pytest.raises(CellSegError, match="foreground: expected values 0 .*1 .*and 2"):
+        hover.loss(cp, pred_hv, classes[None] + 1, hv[None])
+    with pytest.raises(CellSegError, match="foreground: expected values 0 .*and 1"):
+        hover.loss(cp[:, :2], pred_hv, classes[None], hv[None])
+
+
 # --------------------------------------------------------------------------- weights at the contacts
 
 
@@ -402,7 +465,11 @@ def test_network_errors_and_offline_pretrained_fallback(monkeypatch):
     with pytest.raises(CellSegError, match=r"x: expected a \(B, 3, H, W\) tensor"):
         _net()(torch.zeros(1, 1, 32, 32))
     with pytest.raises(CellSegError, match=r"cp: expected a \(B, 2, H, W\) tensor of logits"):
-        hover.foreground_probability(torch.zeros(1, 3, 8, 8))
+        hover.foreground_probability(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(CellSegError, match=r"cp: expected a \(B, 3, H, W\) tensor.*core class"):
+        hover.core_probability(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(CellSegError, match="cores: expected True or False"):
+        hover.ConvNeXtHover("convnext_atto", cores=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable when imported, which an earlier test may have done
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -317,6 +317,31 @@ def test_stream_maps(star_net, hover_net):
     assert 0 <= fg.min() and fg.max() <= 1
 
 
+def test_maps_of_a_hover_network_with_cores():
+    from cellseg_lite.streams.hover import ConvNeXtHover
+
+    torch.manual_seed(0)
+    net = ConvNeXtHover("convnext_atto", cores=True).eval()
+    image = _image((70, 90))
+    for tta in (False, True):
+        maps = infer.hover_maps(net, image, tile=64, stride=32, tta=tta)
+        assert isinstance(maps, infer.HoverCoreMaps)
+        assert maps.hv.shape == (2, 70, 90) and maps.core_prob.shape == (70, 90)
+        assert 0 <= maps.core_prob.min() and maps.core_prob.max() <= maps.foreground_prob.max() <= 1
+    # the core probability seeds the watershed; without it the HV slopes do
+    thresholds = {"prob_thresh": 0.5, "core_threshold": 0.3}
+    labels = infer.hover_instances(maps, thresholds)
+    assert np.array_equal(
+        labels,
+        hover.instances(maps.foreground_prob, maps.hv, 0.5, core_prob=maps.core_prob,
+                        core_threshold=0.3),
+    )  # fmt: skip
+    plain = infer.HoverMaps(maps.foreground_prob, maps.hv)
+    assert np.array_equal(
+        infer.hover_instances(plain, thresholds), hover.instances(*plain, 0.5, core_threshold=0.3)
+    )
+
+
 @pytest.mark.parametrize(
     ("image", "match"),
     [
@@ -407,7 +432,8 @@ def _undo(maps: np.ndarray, dims: list[int]) -> np.ndarray:
     [
         (None, "hover", "predict: expected a function"),
         (identity, "dihedral", "maps: expected one of 'stardist', 'hover', 'scalar'"),
-        (identity, "hover", "4 channels are not HoVer maps"),
+        (lambda x: x[:, :2], "hover", "2 channels are not HoVer maps"),
+        (lambda x: torch.cat([x, x], 1), "hover", "8 channels are not HoVer maps"),
         (lambda x: x[:, :1], "stardist", "1 channels are not StarDist maps"),
         (lambda x: torch.cat([x, x[:, :2]], 1), "stardist", "6 channels are not StarDist"),
         (lambda x: x[:, :, :8], "scalar", "test-time flips need maps"),

@@ -258,10 +258,15 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
     maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0)
     train.segment_maps("hover", maps, tuned.thresholds)
     train.segment_maps("hover", maps, {"prob_thresh": 0.6})
-    assert seen == [(0.25, 0.1, 0.05, 0.95), (0.25, 0.1, 0.05, 0.95), (None,) * 4]
+    assert seen == [(0.25, 0.1, 0.05, 0.95, None)] * 2 + [(None,) * 5]
     assert infer.hover_settings({"prob_thresh": 0.6, **settings, "x": 1}) == settings
     grid = train._threshold_grid("hover")
-    assert all(set(tuned_names) - {"marker_min_prob"} <= set(candidate) for candidate in grid)
+    markers = {"marker_min_prob", "marker_threshold", "core_threshold"}
+    assert all(set(tuned_names) - markers <= set(candidate) for candidate in grid)
+    assert all("marker_threshold" in candidate for candidate in grid)  # a core network: its own
+    core_grid = train._threshold_grid("hover", cores=True)
+    assert {t["core_threshold"] for t in core_grid} == set(train.HOVER_CORE_THRESHOLDS)
+    assert len(core_grid) == len(grid) and not any("marker_threshold" in t for t in core_grid)
     floors = {(t["marker_min_fraction"], t["foreground_min_fraction"]) for t in grid}
     assert len(floors) == len(train.HOVER_SIZE_FLOORS) > 1
 

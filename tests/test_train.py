@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_lite import CellSegError, synthetic, train
+from cellseg_lite import CellSegError, datasets, synthetic, train
 from cellseg_lite.io import write_image, write_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,6 +76,7 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"freeze_batchnorm": "yes"}, "freeze_batchnorm: expected True or False"),
         ({"patch_sampling": "area"}, "patch_sampling: expected one of image, size"),
         ({"stream": "hover", "contact_weight": -1.0}, "contact_weight: expected a non-negative"),
+        ({"stream": "hover", "hover_cores": 1}, "hover_cores: expected True or False"),
         ({"learning_rate": 1.0}, "unknown setting"),
     ],
 )
@@ -422,6 +423,39 @@ def test_checkpoint_of_another_backbone_is_refused(tiny_data, tmp_path):
         train.load_checkpoint(pre, expect=other)
     with pytest.raises(CellSegError, match="trained with stream='stardist'"):
         train.load_checkpoint(pre, expect=fast(stream="hover"))
+
+
+def test_a_hover_network_with_cores_trains_tunes_and_segments(tiny_data, tmp_path):
+    from cellseg_lite import infer, io, router
+    from cellseg_lite.streams import hover
+
+    config = fast(stream="hover", hover_cores=True, epochs=1)
+    data = train.StreamDataset(
+        datasets.PatchDataset(datasets.find_pairs(tiny_data), 64, seed=0), "hover",
+        hover_cores=True,
+    )  # fmt: skip
+    item = data[0]
+    cores = hover.cell_cores(item["labels"].numpy()) > 0
+    assert set(torch.unique(item["foreground"]).tolist()) <= {0.0, 1.0, 2.0}
+    assert torch.equal(item["foreground"] == 2, torch.from_numpy(cores))
+    out = tmp_path / "cores.pt"
+    model, history = train.train_stream(tiny_data, config, val=tiny_data, out=out, progress=False)
+    assert model.cores and "core_threshold" in history.thresholds
+    assert history.thresholds["core_threshold"] in train.HOVER_CORE_THRESHOLDS
+    loaded = train.load_checkpoint(out)
+    assert loaded.config.hover_cores and loaded.model.cores
+    with pytest.raises(CellSegError, match="trained with hover_cores=True.*hover_cores=False"):
+        train.load_checkpoint(out, expect=fast(stream="hover"))
+    stream = infer.StreamModel.from_checkpoint(loaded)
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), dict.fromkeys(range(4), stream),
+        routing="hover",
+    )  # fmt: skip
+    image = io.read_image(datasets.find_pairs(tiny_data)[0].image_path)
+    assert isinstance(segmenter.maps(image), infer.HoverCoreMaps)
+    segmenter.save(tmp_path / "segmenter.pt")
+    again = infer.MultiStreamSegmenter.load(tmp_path / "segmenter.pt")
+    assert np.array_equal(again.segment(image), segmenter.segment(image))
 
 
 def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):

@@ -59,6 +59,7 @@ __all__ = [
     "WatershedParams",
     "WatershedSteps",
     "cell_cores",
+    "core_probability",
     "cell_diameter",
     "contact_weights",
     "flood",
@@ -85,7 +86,8 @@ _DICE_SMOOTH = 1e-3
 
 class HoverOutput(NamedTuple):
     """What :class:`ConvNeXtHover` returns: ``cp (B, 2, H, W)`` logits (background, cell; softmax
-    at use) and ``hv (B, 2, H, W)`` (channel 0 horizontal, channel 1 vertical; no activation)."""
+    at use; ``(B, 3, H, W)`` with a third class for the cells' cores, ``cores=True``) and
+    ``hv (B, 2, H, W)`` (channel 0 horizontal, channel 1 vertical; no activation)."""
 
     cp: torch.Tensor
     hv: torch.Tensor
@@ -101,6 +103,13 @@ class ConvNeXtHover(nn.Module):
     activation). ``pretrained=True`` fetches ImageNet weights for the encoder and falls back to
     random ones with a warning when offline; ``decoder`` is passed on to the U-Net.
 
+    ``cores=True`` (this project's extension, not the paper's) splits the cell class in two: the
+    CP map gets a third class for each cell's core (:func:`cell_cores`), the rest of the cell
+    staying class 1. Cores of touching cells lie apart, so their probability can seed the
+    watershed (:func:`watershed_steps`, ``core_prob``) where the HV slopes at a contact are too
+    blurred to separate the cells (``benchmarks/bench_markers.py``: one seed per cell is what
+    the trained maps lack most).
+
     Example::
 
         >>> net = ConvNeXtHover("convnext_atto")
@@ -115,22 +124,48 @@ class ConvNeXtHover(nn.Module):
         pretrained: bool = False,
         *,
         decoder: str = DEFAULT_DECODER,
+        cores: bool = False,
     ):
         super().__init__()
-        self.unet = ConvNeXtUNet(backbone, pretrained=pretrained, out_channels=4, decoder=decoder)
+        if not isinstance(cores, bool):
+            raise CellSegError(f"cores: expected True or False, got {cores!r}")
+        self.cores = cores
+        self.cp_classes = 3 if cores else 2
+        self.unet = ConvNeXtUNet(
+            backbone, pretrained=pretrained, out_channels=self.cp_classes + 2, decoder=decoder
+        )
 
     def forward(self, x: torch.Tensor) -> HoverOutput:
-        """``(B, 3, H, W)`` float to ``(cp (B, 2, H, W), hv (B, 2, H, W))``, any H and W."""
+        """``(B, 3, H, W)`` float to ``(cp (B, C, H, W), hv (B, 2, H, W))``, any H and W
+        (``C`` = 2, or 3 with ``cores``)."""
         out = self.unet(x)
-        return HoverOutput(out[:, :2], out[:, 2:])
+        return HoverOutput(out[:, : self.cp_classes], out[:, self.cp_classes :])
+
+
+def _check_cp(cp, classes: tuple[int, ...]) -> None:
+    if not isinstance(cp, torch.Tensor) or cp.ndim != 4 or cp.shape[1] not in classes:
+        shape = tuple(cp.shape) if hasattr(cp, "shape") else type(cp).__name__
+        wanted = (
+            "a (B, 2, H, W) tensor of logits (or (B, 3, H, W) with a core class)"
+            if 2 in classes
+            else "a (B, 3, H, W) tensor of logits with a core class"
+        )
+        raise CellSegError(f"cp: expected {wanted}, got {shape}")
 
 
 def foreground_probability(cp: torch.Tensor) -> torch.Tensor:
-    """Cell probability ``(B, H, W)`` in [0, 1] from CP logits ``(B, 2, H, W)``: softmax, channel 1."""
-    if not isinstance(cp, torch.Tensor) or cp.ndim != 4 or cp.shape[1] != 2:
-        shape = tuple(cp.shape) if hasattr(cp, "shape") else type(cp).__name__
-        raise CellSegError(f"cp: expected a (B, 2, H, W) tensor of logits, got {shape}")
-    return torch.softmax(cp, dim=1)[:, 1]
+    """Cell probability ``(B, H, W)`` in [0, 1] from CP logits ``(B, 2, H, W)``: softmax, channel
+    1; with a core class (``(B, 3, H, W)``), one minus the background's probability."""
+    _check_cp(cp, (2, 3))
+    prob = torch.softmax(cp, dim=1)
+    return prob[:, 1] if cp.shape[1] == 2 else 1.0 - prob[:, 0]
+
+
+def core_probability(cp: torch.Tensor) -> torch.Tensor:
+    """Probability ``(B, H, W)`` of a cell's core from the CP logits of a network with
+    ``cores=True`` ``(B, 3, H, W)``: softmax, channel 2."""
+    _check_cp(cp, (3,))
+    return torch.softmax(cp, dim=1)[:, 2]
 
 
 # --------------------------------------------------------------------------- 2. the targets
@@ -343,12 +378,15 @@ def _as_target(value, like: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_loss_inputs(pred_cp, pred_hv, foreground, hv):
-    for name, value in (("pred_cp", pred_cp), ("pred_hv", pred_hv)):
+    for name, value, channels in (("pred_cp", pred_cp, (2, 3)), ("pred_hv", pred_hv, (2,))):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise CellSegError(f"{name}: expected a float tensor, got {type(value).__name__}")
-        if value.ndim != 4 or value.shape[1] != 2:
-            raise CellSegError(f"{name}: expected shape (B, 2, H, W), got {tuple(value.shape)}")
-    if pred_cp.shape != pred_hv.shape:
+        if value.ndim != 4 or value.shape[1] not in channels:
+            extra = " (or (B, 3, H, W) with a core class)" if len(channels) > 1 else ""
+            raise CellSegError(
+                f"{name}: expected shape (B, 2, H, W){extra}, got {tuple(value.shape)}"
+            )
+    if pred_cp.shape[0:1] + pred_cp.shape[2:] != pred_hv.shape[0:1] + pred_hv.shape[2:]:
         raise CellSegError(
             f"pred_cp {tuple(pred_cp.shape)} and pred_hv {tuple(pred_hv.shape)} differ in shape"
         )
@@ -361,8 +399,12 @@ def _check_loss_inputs(pred_cp, pred_hv, foreground, hv):
             f"foreground: expected shape {(b, h, w)} to match the predictions, "
             f"got {tuple(foreground.shape)}"
         )
-    if not torch.all((foreground == 0) | (foreground == 1)):
+    if pred_cp.shape[1] == 2 and not torch.all((foreground == 0) | (foreground == 1)):
         raise CellSegError("foreground: expected values 0 (background) and 1 (cell) only")
+    if pred_cp.shape[1] == 3 and not torch.all(
+        (foreground == 0) | (foreground == 1) | (foreground == 2)
+    ):
+        raise CellSegError("foreground: expected values 0 (background), 1 (cell) and 2 (core) only")
     hv = _as_target(hv, pred_hv, "hv")
     if tuple(hv.shape) != (b, 2, h, w):
         raise CellSegError(
@@ -380,11 +422,13 @@ def loss_terms(
 
     ``pred_cp`` are ``(B, 2, H, W)`` logits, ``pred_hv`` ``(B, 2, H, W)``; ``foreground``
     ``(B, H, W)`` (or ``(B, 1, H, W)``) of 0/1 and ``hv`` ``(B, 2, H, W)`` are stacked
-    :func:`targets` (arrays or tensors). As in hover_net:
+    :func:`targets` (arrays or tensors). With a core class (``pred_cp`` ``(B, 3, H, W)``,
+    ``ConvNeXtHover(cores=True)``) ``foreground`` holds 0/1/2 (background, cell, core: the
+    targets' foreground plus ``cell_cores(labels) > 0``). As in hover_net:
 
-    - ``ce``: cross-entropy of the softmax over the two CP channels, mean over pixels;
+    - ``ce``: cross-entropy of the softmax over the CP channels, mean over pixels;
     - ``dice``: soft Dice loss ``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` per class over the
-      whole batch, summed over the two classes (background and cell), ``s = 1e-3``;
+      whole batch, summed over the classes (background and cell, and core), ``s = 1e-3``;
     - ``mse``: mean squared error of the HV maps over every pixel and both channels;
     - ``msge``: mean squared error of :func:`hv_gradients` (x derivative of the horizontal map,
       y derivative of the vertical one) over the cell pixels only; 0 on a patch with no cell.
@@ -394,13 +438,15 @@ def loss_terms(
     keeps its scale and only the emphasis moves; ``None`` (the paper) weights every pixel alike.
     """
     foreground, hv = _check_loss_inputs(pred_cp, pred_hv, foreground, hv)
-    ce = F.cross_entropy(pred_cp, foreground.long())
+    classes = foreground.long()
+    ce = F.cross_entropy(pred_cp, classes)
     prob = torch.softmax(pred_cp, dim=1)
-    onehot = torch.stack([1.0 - foreground, foreground], dim=1)
+    onehot = F.one_hot(classes, pred_cp.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
     inter = (prob * onehot).sum(dim=(0, 2, 3))
     total = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     dice = (1.0 - (2.0 * inter + _DICE_SMOOTH) / (total + _DICE_SMOOTH)).sum()
     error = (hv_gradients(pred_hv) - hv_gradients(hv)) ** 2
+    foreground = (foreground > 0).to(pred_hv.dtype)  # cell pixels, core or not
     focus = foreground[:, None]
     if weights is None:
         mse = F.mse_loss(pred_hv, hv)
@@ -471,7 +517,9 @@ class WatershedParams:
     ``-(1 - energy) * foreground`` blurred by a ``blur_size`` x ``blur_size`` Gaussian with
     OpenCV's default sigma for that size (``GaussianBlur(..., (k, k), 0)``; 0: no blur). With
     ``keep_unmarked``, foreground components that received no marker become cells of their own
-    (hover_net drops them).
+    (hover_net drops them). Given a core probability map (a network with ``cores=True``), the
+    markers are the foreground pixels whose core probability is at least ``core_threshold``
+    instead of those of low energy; the rest is the same.
     """
 
     energy: str
@@ -488,6 +536,7 @@ class WatershedParams:
     opening_size: int = 0
     blur_size: int = 0
     keep_unmarked: bool = True
+    core_threshold: float = 0.5
 
 
 _HOVER_NET = WatershedParams(
@@ -573,6 +622,7 @@ def _check_params(p: WatershedParams) -> None:
     number("marker_threshold", -math.inf)
     number("marker_min_fraction", 0.0, 1.0)
     number("marker_min_prob", 0.0, 1.0)
+    number("core_threshold", 0.0, 1.0)
     number("foreground_min_fraction", 0.0, 1.0)
     for name in ("marker_min_size", "foreground_min_size", "opening_size", "blur_size"):
         _check_min_size(getattr(p, name), name)
@@ -610,6 +660,22 @@ def _check_maps(foreground_prob, hv, prob_thresh) -> tuple[np.ndarray, np.ndarra
     ):
         raise CellSegError(f"prob_thresh: expected a number in (0, 1], got {prob_thresh!r}")
     return prob, hv.astype(np.float32, copy=False), float(prob_thresh)
+
+
+def _check_core(core_prob, shape: tuple[int, int]) -> np.ndarray | None:
+    if core_prob is None:
+        return None
+    core = np.asarray(core_prob)
+    if core.shape != shape or not (
+        np.issubdtype(core.dtype, np.floating) or np.issubdtype(core.dtype, np.integer)
+    ):
+        raise CellSegError(
+            f"core_prob: expected an (H, W) = {shape} map of numbers to match foreground_prob, "
+            f"got {core.dtype} {core.shape}"
+        )
+    if not np.all(np.isfinite(core)):
+        raise CellSegError("core_prob must not contain NaN or infinite values")
+    return core
 
 
 def _derivative(image: np.ndarray, axis: int, ksize: int, *, smooth_across: bool) -> np.ndarray:
@@ -726,6 +792,7 @@ def watershed_steps(
     hv: np.ndarray,
     prob_thresh: float = 0.6,
     *,
+    core_prob: np.ndarray | None = None,
     preset: str | WatershedParams = DEFAULT_PRESET,
     **settings,
 ) -> WatershedSteps:
@@ -737,7 +804,9 @@ def watershed_steps(
     2. derivatives of the HV maps (x of the horizontal map, y of the vertical one) and from
        them an energy that is high where a map falls, i.e. on boundaries between cells;
     3. markers = foreground minus (energy >= ``marker_threshold``), optionally only where
-       ``foreground_prob >= marker_min_prob``, cleaned, small ones dropped;
+       ``foreground_prob >= marker_min_prob``, cleaned, small ones dropped; given ``core_prob``
+       (``(H, W)``, a network with a core class, :func:`core_probability`), the foreground
+       where ``core_prob >= core_threshold`` instead of the low energy;
     4. watershed of the energy landscape from the markers, inside the foreground.
 
     ``preset`` names an entry of :data:`PRESETS` (or is a :class:`WatershedParams`); keyword
@@ -745,6 +814,7 @@ def watershed_steps(
     """
 
     prob, hv, prob_thresh = _check_maps(foreground_prob, hv, prob_thresh)
+    core_prob = _check_core(core_prob, prob.shape)
     p = _params(preset, settings)
     foreground = prob >= prob_thresh
 
@@ -778,7 +848,10 @@ def watershed_steps(
         )
     energy = np.where(foreground, np.maximum(energy, 0.0), 0.0).astype(np.float32)
 
-    seeds = foreground & (energy < p.marker_threshold)
+    if core_prob is None:
+        seeds = foreground & (energy < p.marker_threshold)
+    else:
+        seeds = foreground & (core_prob >= p.core_threshold)
     if p.marker_min_prob > 0:
         seeds &= prob >= p.marker_min_prob
     if p.fill_holes:
@@ -857,6 +930,7 @@ def instances(
     hv: np.ndarray,
     prob_thresh: float = 0.6,
     *,
+    core_prob: np.ndarray | None = None,
     preset: str | WatershedParams = DEFAULT_PRESET,
     **settings,
 ) -> np.ndarray:
@@ -867,7 +941,9 @@ def instances(
     (:data:`PRESETS`): ``"scaled"`` (default) sizes its kernels and its minimum sizes from the
     typical cell diameter that the HV slopes reveal and scores boundaries by how fast a map falls
     relative to that slope; ``"hover_net"`` and ``"code"`` are the published recipes. Single
-    settings can be overridden by keyword (see :class:`WatershedParams`). The steps are in
+    settings can be overridden by keyword (see :class:`WatershedParams`). ``core_prob``: the core
+    probability of a network with ``cores=True``, whose pixels above ``core_threshold`` are the
+    markers then. The steps are in
     :func:`watershed_steps`.
 
     >>> labels = np.zeros((32, 32), np.int32)
@@ -875,7 +951,10 @@ def instances(
     >>> int(instances(*targets(labels)).max())
     2
     """
-    return watershed_steps(foreground_prob, hv, prob_thresh, preset=preset, **settings).labels
+    steps = watershed_steps(
+        foreground_prob, hv, prob_thresh, core_prob=core_prob, preset=preset, **settings
+    )
+    return steps.labels
 
 
 # --------------------------------------------------------------------------- 5. imperfect maps
