@@ -63,9 +63,7 @@ def scores(segmenter, image, truth) -> dict[str, float] | None:
     model = segmenter.models[category]
     if model.stream != "hover":
         return None
-    fg, hv = segmenter.maps(image, category=category)
-    t = dict(model.thresholds)
-    steps = hover.watershed_steps(fg, hv, t.get("prob_thresh", 0.6), **infer.hover_settings(t))
+    steps = infer.hover_steps(segmenter.maps(image, category=category), model.thresholds)
     seeds = hover.cell_cores(truth, CORE_DEPTH)
     labels = {
         "segmenter": segmenter.segment(image, category=category),

@@ -61,9 +61,9 @@ __all__ = [
     "blend_window",
     "default_stride",
     "flip_averaged",
-    "hover_instances",
     "hover_maps",
     "hover_settings",
+    "hover_steps",
     "inscribed_diameter",
     "model_predictor",
     "sliding_window",
@@ -543,12 +543,13 @@ class HoverCoreMaps(NamedTuple):
     core_prob: np.ndarray
 
 
-def hover_instances(maps: HoverMaps | HoverCoreMaps, thresholds: dict) -> np.ndarray:
-    """Labels of a HoVer model's maps with its tuned ``thresholds`` (``prob_thresh`` and
-    :data:`HOVER_TUNED`), seeded by the core probability where the maps have one."""
+def hover_steps(maps: HoverMaps | HoverCoreMaps, thresholds: dict):
+    """HoVer's watershed (:func:`cellseg_lite.streams.hover.watershed_steps`, every step kept;
+    ``.labels`` are the cells) of a model's maps with its tuned ``thresholds`` (``prob_thresh``
+    and :data:`HOVER_TUNED`), seeded by the core probability where the maps have one."""
     from cellseg_lite.streams import hover
 
-    return hover.instances(
+    return hover.watershed_steps(
         maps.foreground_prob,
         maps.hv,
         thresholds.get("prob_thresh", 0.6),
@@ -1310,7 +1311,7 @@ class MultiStreamSegmenter:
         maps = self._maps(model, x, progress)
         if model.stream == "stardist":
             return sd_stream.instances(*maps, t.get("prob_thresh", 0.5), t.get("nms_thresh", 0.4))
-        return hover_instances(maps, t)
+        return hover_steps(maps, t).labels
 
     def _tta(self, model: StreamModel) -> bool:
         return bool(model.thresholds.get("tta", False)) if self.tta is None else self.tta

@@ -330,7 +330,7 @@ def test_maps_of_a_hover_network_with_cores():
         assert 0 <= maps.core_prob.min() and maps.core_prob.max() <= maps.foreground_prob.max() <= 1
     # the core probability seeds the watershed; without it the HV slopes do
     thresholds = {"prob_thresh": 0.5, "core_threshold": 0.3}
-    labels = infer.hover_instances(maps, thresholds)
+    labels = infer.hover_steps(maps, thresholds).labels
     assert np.array_equal(
         labels,
         hover.instances(maps.foreground_prob, maps.hv, 0.5, core_prob=maps.core_prob,
@@ -338,7 +338,8 @@ def test_maps_of_a_hover_network_with_cores():
     )  # fmt: skip
     plain = infer.HoverMaps(maps.foreground_prob, maps.hv)
     assert np.array_equal(
-        infer.hover_instances(plain, thresholds), hover.instances(*plain, 0.5, core_threshold=0.3)
+        infer.hover_steps(plain, thresholds).labels,
+        hover.instances(*plain, 0.5, core_threshold=0.3),
     )
 
 

@@ -235,11 +235,11 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
     from cellseg_lite.streams import hover
 
     seen = []
-    original = hover.instances
+    original = hover.watershed_steps
     tuned_names = infer.HOVER_TUNED
     monkeypatch.setattr(
         hover,
-        "instances",
+        "watershed_steps",
         lambda *a, **k: seen.append(tuple(k.get(n) for n in tuned_names)) or original(*a, **k),
     )
     star, hv = streams
