@@ -349,7 +349,7 @@ def _targets(
 
     foreground, hv = hover.targets(labels)
     if hover_cores:  # classes 0 background, 1 cell, 2 core
-        foreground = foreground + (hover.cell_cores(labels) > 0).astype(np.float32)
+        foreground = hover.core_targets(labels)
     targets = {"foreground": torch.from_numpy(foreground), "hv": torch.from_numpy(hv)}
     if contact_weight:
         targets["hv_weight"] = torch.from_numpy(hover.contact_weights(labels, contact_weight))

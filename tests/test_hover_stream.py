@@ -341,7 +341,7 @@ def test_a_network_with_cores_has_a_third_cp_class():
 def test_the_loss_with_cores_takes_three_classes_and_keeps_the_hv_terms():
     labels = synthetic.make_image(3, size=(64, 64), seed=1)[1]
     fg, hv = hover.targets(labels)
-    classes = fg + (hover.cell_cores(labels) > 0)
+    classes = hover.core_targets(labels)
     assert set(np.unique(classes)) == {0.0, 1.0, 2.0}
     torch.manual_seed(0)
     cp, pred_hv = torch.randn(1, 3, 64, 64), torch.randn(1, 2, 64, 64)
@@ -586,6 +586,31 @@ def test_flood_keeps_or_drops_what_no_marker_reaches():
     assert np.unique(kept).tolist() == [0, 1, 2] and (kept[mask] > 0).all()
     dropped = hover.flood(np.zeros((10, 20), np.float32), markers, mask, keep_unmarked=False)
     assert np.unique(dropped).tolist() == [0, 1] and not dropped[:, 10:].any()
+
+
+def test_cores_of_large_cells_are_capped_and_the_frame_can_be_open():
+    labels = np.zeros((100, 100), np.int32)
+    labels[10:90, 10:90] = 1  # a square 80 pixels wide: deepest pixel 40 deep
+    labels[40:60, 0:10] = 2  # a small cell cut by the left frame
+    half = hover.cell_cores(labels)
+    assert (half == 1).sum() == 42 * 42  # from 20 pixels deep on (the edge pixels are 1 deep)
+    capped = hover.cell_cores(labels, max_depth=8)
+    assert (capped == 1).sum() == 66 * 66  # from 8 pixels deep on
+    # the cut cell: with the frame closed its core sits away from the frame, open it reaches it
+    assert not hover.cell_cores(labels)[:, 0].any()
+    assert (hover.cell_cores(labels, open_frame=True)[45:55, 0] == 2).all()
+    assert (
+        hover.cell_cores(labels, max_depth=8, open_frame=True)[:, 10:90] == capped[:, 10:90]
+    ).all()
+    targets = hover.core_targets(labels)
+    assert targets.dtype == np.float32 and set(np.unique(targets)) == {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(
+        targets == 2, hover.cell_cores(labels, max_depth=hover.CORE_MAX_DEPTH, open_frame=True) > 0
+    )
+    with pytest.raises(CellSegError, match="max_depth: expected a number > 0"):
+        hover.cell_cores(labels, max_depth=0)
+    with pytest.raises(CellSegError, match="open_frame: expected True or False"):
+        hover.cell_cores(labels, open_frame=1)
 
 
 @pytest.mark.parametrize(

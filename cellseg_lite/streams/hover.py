@@ -49,6 +49,7 @@ from cellseg_lite.unet import DEFAULT_DECODER, ConvNeXtUNet
 
 __all__ = [
     "CONTACT_SIGMA",
+    "CORE_MAX_DEPTH",
     "DEFAULT_PRESET",
     "LOSS_SOBEL_SIZE",
     "PRESETS",
@@ -60,6 +61,7 @@ __all__ = [
     "WatershedSteps",
     "cell_cores",
     "core_probability",
+    "core_targets",
     "cell_diameter",
     "contact_weights",
     "flood",
@@ -73,6 +75,11 @@ __all__ = [
     "targets",
     "watershed_steps",
 ]
+
+#: The cores a network with a core class learns (:func:`core_targets`): at least half as deep as
+#: the cell's deepest pixel, or this many pixels where that is less (a 128-pixel training patch
+#: shows a cell 100 pixels wide only in part).
+CORE_MAX_DEPTH = 8.0
 
 #: Size of the Sobel kernels of the gradient loss (MSGE); hover_net's loss uses 5 x 5 kernels.
 LOSS_SOBEL_SIZE = 5
@@ -104,7 +111,7 @@ class ConvNeXtHover(nn.Module):
     random ones with a warning when offline; ``decoder`` is passed on to the U-Net.
 
     ``cores=True`` (this project's extension, not the paper's) splits the cell class in two: the
-    CP map gets a third class for each cell's core (:func:`cell_cores`), the rest of the cell
+    CP map gets a third class for each cell's core (:func:`core_targets`), the rest of the cell
     staying class 1. Cores of touching cells lie apart, so their probability can seed the
     watershed (:func:`watershed_steps`, ``core_prob``) where the HV slopes at a contact are too
     blurred to separate the cells (``benchmarks/bench_markers.py``: one seed per cell is what
@@ -423,8 +430,8 @@ def loss_terms(
     ``pred_cp`` are ``(B, 2, H, W)`` logits, ``pred_hv`` ``(B, 2, H, W)``; ``foreground``
     ``(B, H, W)`` (or ``(B, 1, H, W)``) of 0/1 and ``hv`` ``(B, 2, H, W)`` are stacked
     :func:`targets` (arrays or tensors). With a core class (``pred_cp`` ``(B, 3, H, W)``,
-    ``ConvNeXtHover(cores=True)``) ``foreground`` holds 0/1/2 (background, cell, core: the
-    targets' foreground plus ``cell_cores(labels) > 0``). As in hover_net:
+    ``ConvNeXtHover(cores=True)``) ``foreground`` holds 0/1/2 (background, cell, core:
+    stacked :func:`core_targets`). As in hover_net:
 
     - ``ce``: cross-entropy of the softmax over the CP channels, mean over pixels;
     - ``dice``: soft Dice loss ``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` per class over the
@@ -897,10 +904,23 @@ def flood(
     return labels
 
 
-def cell_cores(labels: np.ndarray, depth: float = 0.5) -> np.ndarray:
+def cell_cores(
+    labels: np.ndarray,
+    depth: float = 0.5,
+    *,
+    max_depth: float | None = None,
+    open_frame: bool = False,
+) -> np.ndarray:
     """One seed per cell of ``labels`` (same ids): its pixels at least ``depth`` (0-1) times as far
-    from the cell's outside as its deepest pixel. The cores of touching cells stay apart, which
-    makes them the seeds a perfect marker step would find.
+    from the cell's outside as its deepest pixel, or ``max_depth`` pixels where that is less. The
+    cores of touching cells stay apart, which makes them the seeds a perfect marker step would
+    find.
+
+    ``max_depth`` keeps the core of a large cell a matter of the few pixels around it (deeper than
+    ``max_depth`` from its edge), which a network that sees a patch of the cell can decide; without
+    it, where the core of a cell wider than the patch begins depends on the whole cell.
+    ``open_frame``: a cell cut by the image's frame goes on beyond it (a training patch cut from a
+    larger image), so the frame is not its outside.
 
     >>> labels = np.zeros((9, 14), np.int32)
     >>> labels[1:8, 1:7], labels[1:8, 7:13] = 1, 2      # two touching squares
@@ -915,14 +935,36 @@ def cell_cores(labels: np.ndarray, depth: float = 0.5) -> np.ndarray:
         )
     if isinstance(depth, bool) or not isinstance(depth, numbers.Real) or not 0 <= depth <= 1:
         raise CellSegError(f"depth: expected a number in [0, 1], got {depth!r}")
+    if max_depth is not None and (
+        isinstance(max_depth, bool) or not isinstance(max_depth, numbers.Real) or not max_depth > 0
+    ):
+        raise CellSegError(f"max_depth: expected a number > 0 (pixels) or None, got {max_depth!r}")
+    if not isinstance(open_frame, bool):
+        raise CellSegError(f"open_frame: expected True or False, got {open_frame!r}")
+    margin = 0
+    if open_frame:  # the cells go on beyond the frame: as deep again as they could be cored
+        margin = int(math.ceil(max_depth)) + 1 if max_depth else max(labels.shape)
+        labels = np.pad(labels, margin, mode="edge")
     cores = np.zeros_like(labels)
     for cell, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
         inside = labels[box] == cell
         distance = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
-        cores[box][inside & (distance >= depth * distance.max())] = cell
-    return cores
+        least = depth * distance.max()
+        if max_depth is not None:
+            least = min(least, max_depth)
+        cores[box][inside & (distance >= least)] = cell
+    return cores[margin : cores.shape[0] - margin, margin : cores.shape[1] - margin]
+
+
+def core_targets(labels: np.ndarray) -> np.ndarray:
+    """The CP classes of a network with a core class, ``(H, W)`` float32: 0 background, 1 cell, 2
+    its core (:func:`cell_cores` at half depth, at most :data:`CORE_MAX_DEPTH` pixels, the frame
+    open, as a training patch cut from a larger image needs)."""
+    labels = np.asarray(labels)
+    cores = cell_cores(labels, max_depth=CORE_MAX_DEPTH, open_frame=True)
+    return (labels > 0).astype(np.float32) + (cores > 0)
 
 
 def instances(
