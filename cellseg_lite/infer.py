@@ -629,7 +629,7 @@ def hover_maps(
     blend: str = "gaussian",
     tta: bool = False,
     progress: bool = False,
-) -> HoverMaps:
+) -> HoverMaps | HoverCoreMaps:
     """A HoVer network's maps of a whole image: ``foreground_prob (H, W)`` (softmax of the CP
     logits, cell channel) and ``hv (2, H, W)``, blended after the softmax; a network with a core
     class adds ``core_prob (H, W)`` (:class:`HoverCoreMaps`).
@@ -1205,10 +1205,11 @@ class MultiStreamSegmenter:
 
     def maps(self, image, *, category: int | None = None, progress: bool = False):
         """The maps that :meth:`segment` post-processes in its first pass: the routed model's
-        :class:`HoverMaps` or :class:`StarDistMaps` of ``image`` at its own scale, with the same
-        window and flips, the mirrored context cropped away (for inspecting a segmentation and
-        for trying other post-processing on the same maps). Whole slides (above
-        :data:`TILED_PIXELS`) are refused: their StarDist maps are never held whole."""
+        :class:`HoverMaps` (:class:`HoverCoreMaps` with a core class) or :class:`StarDistMaps` of
+        ``image`` at its own scale, with the same window and flips, the mirrored context cropped
+        away (for inspecting a segmentation and for trying other post-processing on the same
+        maps, :func:`hover_steps`). Whole slides (above :data:`TILED_PIXELS`) are refused: their
+        StarDist maps are never held whole."""
         model, _, x = self._prepare(image, category)
         if x.shape[0] * x.shape[1] > TILED_PIXELS:
             raise CellSegError(
