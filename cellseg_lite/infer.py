@@ -67,6 +67,7 @@ __all__ = [
     "inscribed_diameter",
     "model_predictor",
     "sliding_window",
+    "split_hover_maps",
     "stardist_candidates_tiled",
     "stardist_instances_tiled",
     "stardist_maps",
@@ -543,6 +544,14 @@ class HoverCoreMaps(NamedTuple):
     core_prob: np.ndarray
 
 
+def split_hover_maps(maps: np.ndarray) -> HoverMaps | HoverCoreMaps:
+    """Stacked HoVer maps ``(3, H, W)`` (foreground probability, horizontal, vertical) or
+    ``(4, H, W)`` (and the core probability) as :class:`HoverMaps` or :class:`HoverCoreMaps`."""
+    if len(maps) == 4:
+        return HoverCoreMaps(maps[0], maps[1:3], maps[3])
+    return HoverMaps(maps[0], maps[1:])
+
+
 def hover_steps(maps: HoverMaps | HoverCoreMaps, thresholds: dict):
     """HoVer's watershed (:func:`cellseg_lite.streams.hover.watershed_steps`, every step kept;
     ``.labels`` are the cells) of a model's maps with its tuned ``thresholds`` (``prob_thresh``
@@ -653,9 +662,7 @@ def hover_maps(
         blend=blend,
         progress=progress,
     )
-    if len(maps) == 4:
-        return HoverCoreMaps(maps[0], maps[1:3], maps[3])
-    return HoverMaps(maps[0], maps[1:])
+    return split_hover_maps(maps)
 
 
 # --------------------------------------------------------------------------- StarDist, tiled

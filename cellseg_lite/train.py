@@ -453,8 +453,7 @@ def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:
         )
     from cellseg_lite import infer
 
-    split = infer.HoverCoreMaps(maps[0], maps[1:3], maps[3]) if len(maps) == 4 else None
-    return infer.hover_steps(split or infer.HoverMaps(maps[0], maps[1:]), thresholds).labels
+    return infer.hover_steps(infer.split_hover_maps(maps), thresholds).labels
 
 
 def _default_thresholds(stream: str) -> dict:
