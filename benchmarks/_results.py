@@ -101,9 +101,8 @@ def work_option(work: Path, default: Path) -> tuple[Path, str]:
     return shown, "" if work == default.resolve() else f" --work {shown}"
 
 
-def add_run_options(parser, default_work: Path, contents: str) -> None:
-    """``--work`` (one or more ``bench_quality.py`` folders, each holding ``contents``) and
-    ``--seed`` (the seed of each run), for the scripts that study trained runs again."""
+def add_work_option(parser, default_work: Path, contents: str) -> None:
+    """``--work``: one or more ``bench_quality.py`` folders, each holding ``contents``."""
     parser.add_argument(
         "--work",
         type=Path,
@@ -111,6 +110,12 @@ def add_run_options(parser, default_work: Path, contents: str) -> None:
         default=[default_work],
         help=f"bench_quality work folders (each with {contents})",
     )
+
+
+def add_run_options(parser, default_work: Path, contents: str) -> None:
+    """``--work`` (:func:`add_work_option`) and ``--seed`` (the seed of each run), for the scripts
+    that study trained runs again."""
+    add_work_option(parser, default_work, contents)
     parser.add_argument(
         "--seed",
         type=int,
@@ -145,17 +150,26 @@ def quality_run(work: Path, *folders: str):
         raise SystemExit(str(err)) from err
 
 
+def _read_pairs(samples) -> list:
+    from cellseg_lite import io
+
+    return [(s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in samples]
+
+
+def real_val_images(real: RealMini) -> tuple[list, list[str]]:
+    """real-mini's VAL images ``(stem, image, labels)`` and the modality of each."""
+    images = _read_pairs(real.val)
+    return images, [real.modality[stem] for stem, _, _ in images]
+
+
 def held_out_synthetic(work: Path) -> tuple[list, list[int]]:
     """A ``bench_quality.py`` run's held-out synthetic images ``(stem, image, labels)`` and the
     low-level class of each, from its true labels (:func:`cellseg_lite.categorize.
     low_level_category`)."""
-    from cellseg_lite import datasets, io
+    from cellseg_lite import datasets
     from cellseg_lite.categorize import low_level_category
 
-    images = [
-        (s.stem, io.read_image(s.image_path), io.read_labels(s.label_path))
-        for s in datasets.find_pairs(work / "synthetic_test")
-    ]
+    images = _read_pairs(datasets.find_pairs(work / "synthetic_test"))
     return images, [low_level_category(image, labels) for _, image, labels in images]
 
 

@@ -26,15 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import (  # noqa: E402
     MODALITIES,
+    add_work_option,
     held_out_synthetic,
     machine,
     now,
     quality_run,
     real_mini,
+    real_val_images,
     work_option,
     write_section,
 )
-from bench_quality import load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
@@ -88,22 +89,14 @@ def table(rows: list[tuple[str, str, Counter]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--work",
-        type=Path,
-        nargs="+",
-        default=[DEFAULT_WORK],
-        help="bench_quality work folders (each with model.pt and synthetic_test/)",
-    )
+    add_work_option(parser, DEFAULT_WORK, "model.pt and synthetic_test/")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    real = real_mini(required=True)
-    real_images = load(real.val)
-    real_groups = [real.modality[stem] for stem, _, _ in real_images]
+    real_images, real_groups = real_val_images(real_mini(required=True))
     real_rows, synthetic_rows, merged_share = [], [], []
     for work in args.work:
         shown, _ = work_option(work, DEFAULT_WORK)
