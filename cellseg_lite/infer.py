@@ -47,6 +47,7 @@ __all__ = [
     "ROUTINGS",
     "MIN_DIAMETER",
     "MIN_DIAMETER_STRIDE",
+    "MIRROR_CONTEXT",
     "TILED_PIXELS",
     "UPSCALE",
     "UPSCALE_CLASSES",
@@ -59,12 +60,14 @@ __all__ = [
     "StarDistMaps",
     "StreamModel",
     "blend_window",
+    "crop_context",
     "default_stride",
     "flip_averaged",
     "hover_maps",
     "hover_settings",
     "hover_steps",
     "inscribed_diameter",
+    "mirror_pad",
     "model_predictor",
     "sliding_window",
     "split_hover_maps",
@@ -1011,6 +1014,24 @@ def _shrink_labels(labels: np.ndarray, like: np.ndarray) -> np.ndarray:
     return relabel_sequential(small.astype(np.int32))[0]
 
 
+def mirror_pad(x: np.ndarray, pad: int = MIRROR_CONTEXT) -> np.ndarray:
+    """``x`` ``(H, W)`` or ``(H, W, C)`` with ``pad`` pixels of mirrored context on each side
+    (:data:`MIRROR_CONTEXT`); ``x`` itself for ``pad`` 0. :func:`crop_context` undoes it.
+
+    >>> mirror_pad(np.arange(4).reshape(1, 4), 2)[2]
+    array([2, 1, 0, 1, 2, 3, 2, 1])
+    """
+    if not pad:
+        return x
+    return np.pad(x, ((pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 2), mode="reflect")
+
+
+def crop_context(a: np.ndarray, pad: int = MIRROR_CONTEXT) -> np.ndarray:
+    """``a`` without ``pad`` pixels on each side of its last two axes: the labels ``(H, W)`` or
+    maps ``(K, H, W)`` of a :func:`mirror_pad`-ded image, back at the image's own size."""
+    return a[..., pad:-pad, pad:-pad] if pad else a
+
+
 def window(
     shape: tuple[int, ...],
     tile: int = 512,
@@ -1224,13 +1245,8 @@ class MultiStreamSegmenter:
                 "blocks without its full maps; crop a region to inspect"
             )
         pad = self.mirror_context
-        if pad:
-            widths = ((pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 2)
-            x = np.pad(x, widths, mode="reflect")
-        out = self._maps(model, x, progress)
-        if pad:
-            out = type(out)(*(m[..., pad:-pad, pad:-pad] for m in out))
-        return out
+        out = self._maps(model, mirror_pad(x, pad), progress)
+        return type(out)(*(crop_context(m, pad) for m in out))
 
     def _prepare(self, image, category) -> tuple[StreamModel, int, np.ndarray]:
         """The model, class and network input (normalised, float32 in [0, 1]) of ``image``."""
@@ -1293,9 +1309,8 @@ class MultiStreamSegmenter:
         pad = self.mirror_context
         if not pad or x.shape[0] * x.shape[1] > TILED_PIXELS:
             return self._segment_once(model, x, progress)
-        widths = ((pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 2)
-        labels = self._segment_once(model, np.pad(x, widths, mode="reflect"), progress)
-        return relabel_sequential(labels[pad:-pad, pad:-pad])[0]  # cells of the context go
+        labels = self._segment_once(model, mirror_pad(x, pad), progress)
+        return relabel_sequential(crop_context(labels, pad))[0]  # cells of the context go
 
     def _segment_once(self, model: StreamModel, x: np.ndarray, progress: bool) -> np.ndarray:
         from cellseg_lite.streams import stardist as sd_stream

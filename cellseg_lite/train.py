@@ -428,7 +428,9 @@ def predict_maps(
     with tiles of ``tile``), so that thresholds are tuned on the maps it will make: one forward
     pass up to :data:`cellseg_lite.infer.WHOLE_IMAGE_SIDE` pixels a side, else
     :func:`cellseg_lite.infer.sliding_window`. ``tta``: the mean of the maps of the image's four
-    flips (:func:`cellseg_lite.infer.flip_averaged`).
+    flips (:func:`cellseg_lite.infer.flip_averaged`). The segmenter predicts an image with
+    mirrored context around it (:func:`cellseg_lite.infer.mirror_pad`); :func:`evaluate_stream`
+    adds it before calling this where asked to (its ``context``).
     """
     from cellseg_lite import infer
     from cellseg_lite.streams.hover import ConvNeXtHover
@@ -508,15 +510,18 @@ def _threshold_refinements(stream: str) -> list[dict]:
     return [{"marker_min_prob": q} for q in HOVER_MARKER_PROBS] if stream == "hover" else []
 
 
-def best_thresholds(model: nn.Module, stream: str, val, *, tta: bool = False) -> tuple[float, dict]:
+def best_thresholds(
+    model: nn.Module, stream: str, val, *, tta: bool = False, context: int | None = None
+) -> tuple[float, dict]:
     """The post-processing thresholds best on ``val`` ``(stem, image [0, 1], labels)``, and their
     mean challenge F1: the stream's grid (probability threshold; for HoVer also the marker
     threshold and the size floors), then for HoVer the best candidate with markers only on
     confident pixels (:data:`HOVER_MARKER_PROBS`), kept where it scores higher. One prediction
-    per image (:func:`evaluate_stream`)."""
+    per image (:func:`evaluate_stream`, which says what ``context`` does)."""
     cores = bool(getattr(model, "cores", False))
     grid = _threshold_grid(stream, cores=cores)
-    return evaluate_stream(model, stream, val, grid, tta=tta, refine=_threshold_refinements(stream))
+    refine = _threshold_refinements(stream)
+    return evaluate_stream(model, stream, val, grid, tta=tta, refine=refine, context=context)
 
 
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -538,6 +543,7 @@ def evaluate_stream(
     *,
     tta: bool | None = None,
     refine: Sequence[dict] = (),
+    context: int | None = None,
 ) -> tuple[float, dict]:
     """Mean challenge F1 of a stream on whole images ``(stem, image [0, 1], labels)``.
 
@@ -547,9 +553,26 @@ def evaluate_stream(
     the best of these replaces it only where it scores higher. ``tta``:
     predict flip-averaged maps (:func:`predict_maps`); the thresholds returned then carry
     ``"tta": True``, which the segmenter follows. ``None``: what a single thresholds dict says
-    (its ``"tta"`` entry), else plain maps.
+    (its ``"tta"`` entry), else plain maps. ``context``: pixels of mirrored context around each
+    image, cropped from its labels after post-processing, as
+    :class:`~cellseg_lite.infer.MultiStreamSegmenter` does
+    (``infer.MIRROR_CONTEXT``: exactly what the segmenter post-processes). ``None`` or 0, the
+    default, tunes on the bare image: on five trained segmenters, thresholds tuned with the
+    segmenter's 16 pixels scored the same within the noise of choosing among thresholds on 9-30
+    selection images (real-mini VAL -0.014 to +0.013, mean -0.003; held-out synthetic mean
+    +0.003; ``benchmarks/bench_tuning_context.py`` in RESULTS.md).
     """
-    from cellseg_lite import metrics
+    from cellseg_lite import infer, metrics
+
+    pad = context or 0
+
+    def predicted(image: np.ndarray) -> np.ndarray:
+        return predict_maps(model, infer.mirror_pad(image, pad), tta=tta)
+
+    def score(labels: np.ndarray, maps: np.ndarray, setting: dict) -> float:
+        return metrics.f1_score(
+            labels, infer.crop_context(segment_maps(stream, maps, setting), pad)
+        )
 
     candidates = (
         [thresholds or _default_thresholds(stream)]
@@ -566,9 +589,9 @@ def evaluate_stream(
     try:
         scores = np.zeros((len(candidates), len(val)))
         for j, (_, image, labels) in enumerate(val):
-            maps = predict_maps(model, image, tta=tta)
+            maps = predicted(image)
             for i, setting in enumerate(candidates):
-                scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
+                scores[i, j] = score(labels, maps, setting)
             kept_bytes += maps.nbytes
             if refine and kept_bytes <= _KEPT_MAPS_BYTES:
                 kept_maps.append(maps)
@@ -578,9 +601,9 @@ def evaluate_stream(
         refined_scores = np.zeros((len(refined), len(val)))
         for j, (_, image, labels) in enumerate(val if refined else ()):
             # predicted again only where keeping every image's maps would take too much memory
-            maps = kept_maps[j] if j < len(kept_maps) else predict_maps(model, image, tta=tta)
+            maps = kept_maps[j] if j < len(kept_maps) else predicted(image)
             for i, setting in enumerate(refined):
-                refined_scores[i, j] = metrics.f1_score(labels, segment_maps(stream, maps, setting))
+                refined_scores[i, j] = score(labels, maps, setting)
     finally:
         model.train(was_training)
     for setting, score in zip(refined, refined_scores.mean(axis=1), strict=True):

@@ -271,6 +271,52 @@ def test_hover_models_carry_their_tuned_watershed_settings(streams, monkeypatch)
     assert len(floors) == len(train.HOVER_SIZE_FLOORS) > 1
 
 
+def test_tuning_can_add_the_segmenters_mirrored_context(streams, monkeypatch):
+    """With ``context``, tuning adds the mirrored context that the segmenter adds around an
+    image and crops it from the labels after post-processing, so both score the same labels;
+    by default it tunes on the bare image."""
+    from cellseg_lite import metrics
+
+    star, hv = streams
+    thresholds = {"prob_thresh": 0.5}
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()),
+        {0: star, 1: hv._replace(thresholds=thresholds), 2: star, 3: star},
+    )
+    image, truth = synthetic.make_image(1, size=(64, 80), seed=0)
+    segmented = segmenter.segment(image, category=1)
+    assert segmented.max() > 0 and segmenter.mirror_context == infer.MIRROR_CONTEXT > 0
+    inputs, scored = [], []
+    original_predict, original_f1 = train.predict_maps, metrics.f1_score
+    monkeypatch.setattr(
+        train,
+        "predict_maps",
+        lambda m, x, **k: inputs.append(x.shape) or original_predict(m, x, **k),
+    )
+    monkeypatch.setattr(
+        metrics, "f1_score", lambda t, p, **k: scored.append(p) or original_f1(t, p, **k)
+    )
+    val = [("image", io.normalize_image(image).astype(np.float32) / 255.0, truth)]
+    pad = infer.MIRROR_CONTEXT
+    f1, _ = train.evaluate_stream(hv.model, "hover", val, thresholds, context=pad)
+    assert inputs == [(64 + 2 * pad, 80 + 2 * pad, 3)] and scored[0].shape == (64, 80)
+    assert np.array_equal(relabel(scored[0]), segmented)
+    assert f1 == original_f1(truth, segmented)
+    inputs.clear()
+    train.evaluate_stream(hv.model, "hover", val, thresholds)
+    train.best_thresholds(hv.model, "hover", val, context=0)
+    assert inputs == [(64, 80, 3)] * 2
+    x = np.arange(12).reshape(3, 4)
+    assert np.array_equal(infer.crop_context(infer.mirror_pad(x, 2), 2), x)
+    assert infer.mirror_pad(x, 0) is x and infer.crop_context(x, 0) is x
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(labels)[0]
+
+
 def test_flips_follow_what_the_thresholds_were_tuned_on(streams, monkeypatch, tmp_path):
     flips = []
     original = infer.flip_averaged
@@ -287,8 +333,10 @@ def test_flips_follow_what_the_thresholds_were_tuned_on(streams, monkeypatch, tm
     with_flips = segmenter.segment(image, category=1)
     segmenter.segment(image, category=0)  # StarDist, tuned without
     assert flips == ["hover"]
-    maps = train.predict_maps(hv.model, image.astype(np.float32) / 255.0, tta=True)
-    assert np.array_equal(with_flips, train.segment_maps("hover", maps, tuned.thresholds))
+    x = infer.mirror_pad(io.normalize_image(image).astype(np.float32) / 255.0)
+    maps = train.predict_maps(hv.model, x, tta=True)
+    labels = infer.crop_context(train.segment_maps("hover", maps, tuned.thresholds))
+    assert np.array_equal(with_flips, labels)
     segmenter.tta = False  # the caller's choice wins: faster, on thresholds tuned for flips
     segmenter.segment(image, category=1)
     assert flips == ["hover", "hover"]
