@@ -173,6 +173,66 @@ def held_out_synthetic(work: Path) -> tuple[list, list[int]]:
     return images, [low_level_category(image, labels) for _, image, labels in images]
 
 
+def selection_images(work: Path, real: RealMini, seed: int) -> tuple[list, dict[int, list]]:
+    """The selection split that a ``bench_quality.py`` run of ``seed`` held out of its training
+    images (real-mini TRAIN and its ``synthetic_train``), rebuilt as
+    :func:`cellseg_lite.train.train_multistream` drew it: all of it as
+    :func:`cellseg_lite.train.best_thresholds` reads images, and the same per low-level class."""
+    from cellseg_lite import datasets, train
+
+    samples = [*real.train, *datasets.find_pairs(work / "synthetic_train")]
+    categories = train._sample_categories(samples)
+    _, (selection, selection_classes) = train._split_for_selection(
+        samples, categories, train.VAL_FRACTION, seed
+    )
+    loaded = train._load_val(selection)
+    by_class = {
+        c: [item for item, k in zip(loaded, selection_classes, strict=True) if k == c]
+        for c in range(4)
+    }
+    return loaded, by_class
+
+
+class SetScores(NamedTuple):
+    """Mean challenge F1 of one segmenter on real-mini VAL (all, and per :data:`MODALITIES`) and
+    on a held-out synthetic set (all, and per low-level class 0-3)."""
+
+    real: float
+    modalities: list[float]
+    synthetic: float
+    classes: list[float]
+
+    def real_row(self, *cells: str) -> str:
+        """A Markdown row: ``cells``, then the VAL mean and its modalities."""
+        return _row(cells, [self.real, *self.modalities])
+
+    def synthetic_row(self, *cells: str) -> str:
+        """A Markdown row: ``cells``, then the synthetic mean and its classes."""
+        return _row(cells, [self.synthetic, *self.classes])
+
+
+def _row(cells, values) -> str:
+    return "| " + " | ".join([*cells, *(f"{v:.3f}" for v in values)]) + " |"
+
+
+def set_scores(segment, real_images, modalities, synthetic, synthetic_classes) -> SetScores:
+    """:class:`SetScores` of ``segment`` (image -> labels) on real-mini VAL images
+    ``(stem, image, labels)`` of ``modalities`` (:func:`real_val_images`) and held-out synthetic
+    images of ``synthetic_classes`` (:func:`held_out_synthetic`)."""
+    from cellseg_lite import metrics
+
+    rows = metrics.evaluate_segmenter(segment, real_images)
+    per_modality = [
+        mean(r.f1 for r, m in zip(rows, modalities, strict=True) if m == modality)
+        for modality in MODALITIES
+    ]
+    synthetic_rows = metrics.evaluate_segmenter(segment, synthetic, categories=synthetic_classes)
+    per_class = [mean(r.f1 for r in synthetic_rows if r.category == c) for c in range(4)]
+    return SetScores(
+        mean(r.f1 for r in rows), per_modality, mean(r.f1 for r in synthetic_rows), per_class
+    )
+
+
 def real_mini(*, required: bool = False) -> RealMini | None:
     """real-mini from ``$CELLSEG_REAL_MINI`` or ``../shared/data/real-mini``; ``None`` if absent,
     or, with ``required``, exit with a message saying where it was looked for."""

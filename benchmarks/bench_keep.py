@@ -39,15 +39,16 @@ from _results import (  # noqa: E402
     add_run_options,
     held_out_synthetic,
     machine,
-    mean,
     now,
     quality_run,
     real_mini,
+    real_val_images,
     run_seeds,
+    selection_images,
+    set_scores,
     work_option,
     write_section,
 )
-from bench_quality import load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
@@ -86,20 +87,11 @@ def stage_history(checkpoint) -> str:
 
 def keep_last(work: Path, seed: int, real):
     """``(segmenter as written, segmenter of last weights, notes)`` of one bench_quality run."""
-    from cellseg_lite import datasets, infer, train
+    from cellseg_lite import infer, train
 
     segmenter = quality_run(work, "synthetic_train", "synthetic_test")
     stages = work / "stages"
-    samples = [*real.train, *datasets.find_pairs(work / "synthetic_train")]
-    categories = train._sample_categories(samples)
-    _, (selection, selection_classes) = train._split_for_selection(
-        samples, categories, train.VAL_FRACTION, seed
-    )
-    loaded = train._load_val(selection)
-    by_class = {
-        c: [item for item, k in zip(loaded, selection_classes, strict=True) if k == c]
-        for c in range(4)
-    }
+    loaded, by_class = selection_images(work, real, seed)
     notes = []
     pretrained = {}
     for stream in sorted({m.stream for m in segmenter.models.values()}):
@@ -158,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seeds = run_seeds(parser, args)
 
-    from cellseg_lite import metrics
-
     real = real_mini(required=True)
     # the same VAL images for every run: read once
-    real_images = load(real.val)
+    real_images, modalities = real_val_images(real)
     real_lines = [
         "| run | weights kept | all 40 | " + " | ".join(MODALITIES) + " |",
         "|" + "---|" * (3 + len(MODALITIES)),
@@ -177,33 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shown}: rebuilding the last-weights segmenter", flush=True)
         best, last, notes = keep_last(work, seed, real)
         note_lines += [f"- `{shown}`, {note}" for note in notes]
-        synthetic, synthetic_classes = held_out_synthetic(work)
-        sets = {"real": real_images, "synthetic": synthetic}
+        synthetic, classes = held_out_synthetic(work)
         totals = {}
         for keep, segmenter in zip(KEEPS, (best, last), strict=True):
-            rows = metrics.evaluate_segmenter(segmenter.segment, sets["real"])
-            per = [mean(r.f1 for r in rows if real.modality[r.stem] == m) for m in MODALITIES]
-            totals[keep, "real"] = mean(r.f1 for r in rows)
-            totals[keep, "fluorescence"] = per[0]
-            real_lines.append(
-                f"| `{shown}` | {keep} | {totals[keep, 'real']:.3f} | "
-                + " | ".join(f"{v:.3f}" for v in per)
-                + " |"
-            )
-            rows = metrics.evaluate_segmenter(
-                segmenter.segment, sets["synthetic"], categories=synthetic_classes
-            )
-            per = [mean(r.f1 for r in rows if r.category == c) for c in range(4)]
-            totals[keep, "synthetic"] = mean(r.f1 for r in rows)
-            syn_lines.append(
-                f"| `{shown}` | {keep} | {totals[keep, 'synthetic']:.3f} | "
-                + " | ".join(f"{v:.3f}" for v in per)
-                + " |"
-            )
+            scores = set_scores(segmenter.segment, real_images, modalities, synthetic, classes)
+            totals[keep, "real"], totals[keep, "synthetic"] = scores.real, scores.synthetic
+            totals[keep, "fluorescence"] = scores.modalities[0]
+            real_lines.append(scores.real_row(f"`{shown}`", keep))
+            syn_lines.append(scores.synthetic_row(f"`{shown}`", keep))
             print(
-                f"{shown} {keep}: VAL {totals[keep, 'real']:.3f}, fluorescence "
-                f"{totals[keep, 'fluorescence']:.3f}, synthetic "
-                f"{totals[keep, 'synthetic']:.3f}",
+                f"{shown} {keep}: VAL {scores.real:.3f}, fluorescence {scores.modalities[0]:.3f}, "
+                f"synthetic {scores.synthetic:.3f}",
                 flush=True,
             )
         for name in differences:
