@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 The segmenter puts {infer.MIRROR_CONTEXT} pixels of mirrored context around every image, post-processes
 the maps of the padded image and crops the labels (`infer.MIRROR_CONTEXT`). The runs below tuned
-their thresholds on the bare images (`train.evaluate_stream`'s default `context=None`). Here each
+their thresholds on the bare images (`train.evaluate_stream`'s default `context=0`). Here each
 class's model is tuned again on the same selection images both ways (`train.best_thresholds`:
 the grid, then markers on confident pixels where that scores higher), and each segmenter is
 scored with both sets of thresholds. Same networks, router and second pass for small cells.

@@ -1021,7 +1021,7 @@ def mirror_pad(x: np.ndarray, pad: int = MIRROR_CONTEXT) -> np.ndarray:
     >>> mirror_pad(np.arange(4).reshape(1, 4), 2)[2]
     array([2, 1, 0, 1, 2, 3, 2, 1])
     """
-    if not pad:
+    if not _check_int(pad, "pad", low=0):
         return x
     return np.pad(x, ((pad, pad), (pad, pad)) + ((0, 0),) * (x.ndim - 2), mode="reflect")
 

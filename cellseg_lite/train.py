@@ -511,7 +511,7 @@ def _threshold_refinements(stream: str) -> list[dict]:
 
 
 def best_thresholds(
-    model: nn.Module, stream: str, val, *, tta: bool = False, context: int | None = None
+    model: nn.Module, stream: str, val, *, tta: bool = False, context: int = 0
 ) -> tuple[float, dict]:
     """The post-processing thresholds best on ``val`` ``(stem, image [0, 1], labels)``, and their
     mean challenge F1: the stream's grid (probability threshold; for HoVer also the marker
@@ -543,7 +543,7 @@ def evaluate_stream(
     *,
     tta: bool | None = None,
     refine: Sequence[dict] = (),
-    context: int | None = None,
+    context: int = 0,
 ) -> tuple[float, dict]:
     """Mean challenge F1 of a stream on whole images ``(stem, image [0, 1], labels)``.
 
@@ -556,15 +556,15 @@ def evaluate_stream(
     (its ``"tta"`` entry), else plain maps. ``context``: pixels of mirrored context around each
     image, cropped from its labels after post-processing, as
     :class:`~cellseg_lite.infer.MultiStreamSegmenter` does
-    (``infer.MIRROR_CONTEXT``: exactly what the segmenter post-processes). ``None`` or 0, the
-    default, tunes on the bare image: on five trained segmenters, thresholds tuned with the
+    (``infer.MIRROR_CONTEXT``: exactly what the segmenter post-processes). 0, the default, tunes
+    on the bare image: on five trained segmenters, thresholds tuned with the
     segmenter's 16 pixels scored the same within the noise of choosing among thresholds on 9-30
     selection images (real-mini VAL -0.014 to +0.013, mean -0.003; held-out synthetic mean
     +0.003; ``benchmarks/bench_tuning_context.py`` in RESULTS.md).
     """
     from cellseg_lite import infer, metrics
 
-    pad = context or 0
+    pad = context
 
     def predicted(image: np.ndarray) -> np.ndarray:
         return predict_maps(model, infer.mirror_pad(image, pad), tta=tta)

@@ -309,6 +309,9 @@ def test_tuning_can_add_the_segmenters_mirrored_context(streams, monkeypatch):
     x = np.arange(12).reshape(3, 4)
     assert np.array_equal(infer.crop_context(infer.mirror_pad(x, 2), 2), x)
     assert infer.mirror_pad(x, 0) is x and infer.crop_context(x, 0) is x
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CellSegError, match="pad"):
+            train.evaluate_stream(hv.model, "hover", val, thresholds, context=bad)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
