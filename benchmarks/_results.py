@@ -150,7 +150,8 @@ def quality_run(work: Path, *folders: str):
         raise SystemExit(str(err)) from err
 
 
-def _read_pairs(samples) -> list:
+def read_pairs(samples) -> list:
+    """``(stem, image, labels)`` of each image/label pair ``samples`` (``datasets.Sample``)."""
     from cellseg_lite import io
 
     return [(s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in samples]
@@ -158,7 +159,7 @@ def _read_pairs(samples) -> list:
 
 def real_val_images(real: RealMini) -> tuple[list, list[str]]:
     """real-mini's VAL images ``(stem, image, labels)`` and the modality of each."""
-    images = _read_pairs(real.val)
+    images = read_pairs(real.val)
     return images, [real.modality[stem] for stem, _, _ in images]
 
 
@@ -169,7 +170,7 @@ def held_out_synthetic(work: Path) -> tuple[list, list[int]]:
     from cellseg_lite import datasets
     from cellseg_lite.categorize import low_level_category
 
-    images = _read_pairs(datasets.find_pairs(work / "synthetic_test"))
+    images = read_pairs(datasets.find_pairs(work / "synthetic_test"))
     return images, [low_level_category(image, labels) for _, image, labels in images]
 
 

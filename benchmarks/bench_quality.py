@@ -26,15 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import MODALITIES, machine, mean, now, real_mini, write_section  # noqa: E402
+from _results import MODALITIES, machine, mean, now, read_pairs, real_mini, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load(samples):
-    from cellseg_lite import io
-
-    return [(s.stem, io.read_image(s.image_path), io.read_labels(s.label_path)) for s in samples]
 
 
 # synthetic training images per class: with 12, classes 1 and 2 had one selection image each
@@ -186,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     sets = {
-        "real-mini val": load(real_val),
-        "synthetic held-out": load(datasets.find_pairs(syn_test)),
+        "real-mini val": read_pairs(real_val),
+        "synthetic held-out": read_pairs(datasets.find_pairs(syn_test)),
     }
     categories = {
         name: [low_level_category(image, labels) for _, image, labels in images]

@@ -45,24 +45,33 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
 
 
+def tuning_images(c: int, loaded: list, by_class: dict) -> tuple[str, list]:
+    """The selection images a run tuned class ``c``'s thresholds on, and what they are: the
+    class's own where it has ``train.MIN_SELECTION_IMAGES`` or more, else all of them."""
+    from cellseg_lite import train
+
+    if len(by_class[c]) >= train.MIN_SELECTION_IMAGES:
+        return "its own", by_class[c]
+    return "all", loaded
+
+
 def retuned(segmenter, loaded, by_class, context):
     """A copy of ``segmenter`` whose models' thresholds are tuned again with ``context``, each on
     the selection images the run tuned it on; and, per class, ``(thresholds, selection F1)``."""
-    from cellseg_lite import infer, train
+    from cellseg_lite import train
 
     cache: dict = {}
     models, chosen = {}, {}
     for c, model in segmenter.models.items():
-        own = len(by_class[c]) >= train.MIN_SELECTION_IMAGES
-        key = (id(model.model), c if own else "all")
+        which, images = tuning_images(c, loaded, by_class)
+        key = (id(model.model), c if which == "its own" else which)
         if key not in cache:
-            images = by_class[c] if own else loaded
             tta = train.uses_tta(model.config)
             cache[key] = train.best_thresholds(
                 model.model, model.stream, images, tta=tta, context=context
             )
         f1, thresholds = cache[key]
-        models[c] = infer.StreamModel(model.model, model.stream, thresholds, model.config)
+        models[c] = model._replace(thresholds=thresholds)
         chosen[c] = (thresholds, f1)
     out = copy.copy(segmenter)
     out.models = models
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seeds = run_seeds(parser, args)
 
-    from cellseg_lite import infer, train
+    from cellseg_lite import infer
 
     contexts = {"bare image": 0, "mirrored context": infer.MIRROR_CONTEXT}
     real = real_mini(required=True)
@@ -131,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         bare, mirrored = contexts
         for c in range(4):
-            own = len(by_class[c]) >= train.MIN_SELECTION_IMAGES
+            which, images = tuning_images(c, loaded, by_class)
             stored = segmenter.models[c].thresholds
             (t0, f0), (t1, f1) = chosen[bare][c], chosen[mirrored][c]
             reproduced.append(shown_thresholds(t0) == shown_thresholds(stored))
             threshold_lines.append(
-                f"| `{shown}` | {c} | {'its own' if own else 'all'} ({len(by_class[c]) if own else len(loaded)}) | "
+                f"| `{shown}` | {c} | {which} ({len(images)}) | "
                 f"{shown_thresholds(t0)}; {f0:.3f} | {shown_thresholds(t1)}; {f1:.3f} | "
                 f"{shown_thresholds(stored)} |"
             )

@@ -564,14 +564,12 @@ def evaluate_stream(
     """
     from cellseg_lite import infer, metrics
 
-    pad = context
-
     def predicted(image: np.ndarray) -> np.ndarray:
-        return predict_maps(model, infer.mirror_pad(image, pad), tta=tta)
+        return predict_maps(model, infer.mirror_pad(image, context), tta=tta)
 
-    def score(labels: np.ndarray, maps: np.ndarray, setting: dict) -> float:
+    def f1_of(labels: np.ndarray, maps: np.ndarray, setting: dict) -> float:
         return metrics.f1_score(
-            labels, infer.crop_context(segment_maps(stream, maps, setting), pad)
+            labels, infer.crop_context(segment_maps(stream, maps, setting), context)
         )
 
     candidates = (
@@ -591,7 +589,7 @@ def evaluate_stream(
         for j, (_, image, labels) in enumerate(val):
             maps = predicted(image)
             for i, setting in enumerate(candidates):
-                scores[i, j] = score(labels, maps, setting)
+                scores[i, j] = f1_of(labels, maps, setting)
             kept_bytes += maps.nbytes
             if refine and kept_bytes <= _KEPT_MAPS_BYTES:
                 kept_maps.append(maps)
@@ -603,7 +601,7 @@ def evaluate_stream(
             # predicted again only where keeping every image's maps would take too much memory
             maps = kept_maps[j] if j < len(kept_maps) else predicted(image)
             for i, setting in enumerate(refined):
-                refined_scores[i, j] = score(labels, maps, setting)
+                refined_scores[i, j] = f1_of(labels, maps, setting)
     finally:
         model.train(was_training)
     for setting, score in zip(refined, refined_scores.mean(axis=1), strict=True):
