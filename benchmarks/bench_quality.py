@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # synthetic training images per class: with 12, classes 1 and 2 had one selection image each
 SYNTHETIC = 24
+# the budget: at most 30 minutes of this CPU for the whole training
+BUDGET_MINUTES = 30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.topup_selection:
         options += " --topup-selection"
         more += f", every class with {train.MIN_SELECTION_IMAGES} or more selection images"
+    over_budget = train_minutes > BUDGET_MINUTES
+    if over_budget:
+        more += f", beyond the {BUDGET_MINUTES}-minute budget (a scaling measurement)"
     topup_text = (
         " The selection split of class "
         + " and ".join(f"{c} (+{n})" for c, n in topped_up.items())
@@ -347,6 +352,8 @@ Reference figures (shared/data/README.md): classical floor 0.628 on val, a naive
             key += "_cores"
         if args.topup_selection:
             key += "_topup"
+        if over_budget:
+            key += "_long"
         write_section(key, section)
     return 0
 
