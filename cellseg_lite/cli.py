@@ -16,6 +16,8 @@ from cellseg_lite._errors import CellSegError
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran but some inputs failed
 EXIT_USAGE = 2  # bad paths, arguments or files
+#: The --routing choices of train and demo: the tables of infer.ROUTINGS, and "validated".
+ROUTING_CHOICES = ("paper", "code", "hover", "validated")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -147,6 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_train=args.n_train,
         n_test=args.n_test,
         seed=args.seed,
+        routing=args.routing,
         progress=not args.quiet,
         log=_log,
     )
@@ -223,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=float, default=None, help="total training time budget")
     tr.add_argument(
         "--routing",
-        choices=("paper", "code", "hover", "validated"),
+        choices=ROUTING_CHOICES,
         default="paper",
         help="which stream serves each class: the paper's text, the authors' code, HoVer for "
         "every class (the better choice for short CPU runs), or the better stream on each "
@@ -300,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--n-train", type=int, default=8, help="training images per class")
     de.add_argument("--n-test", type=int, default=3, help="held-out images per class")
     de.add_argument("--seed", type=int, default=0)
+    de.add_argument(
+        "--routing",
+        choices=ROUTING_CHOICES,
+        default="paper",
+        help="which stream serves each class, as for train (default: the paper's)",
+    )
     de.add_argument("--quiet", action="store_true", help="no progress bars")
     de.set_defaults(func=_cmd_demo)
     return parser

@@ -31,6 +31,24 @@ def test_demo_writes_the_report(demo_run):
     assert len(list((demo_run / "predictions").glob("*_label.tiff"))) == 4
     loaded = infer.MultiStreamSegmenter.load(demo_run / "model.pt")
     assert [loaded.stream_for(c) for c in range(4)] == ["stardist", "hover", "stardist", "stardist"]
+    assert "routing `paper` (class 0: stardist, class 1: hover" in report
+    # the table is read from its own numbers, whichever way they fall
+    assert "multi-stream segmenter (" in report.split("Table 4")[1].split("## Running time")[0]
+
+
+def test_demo_refuses_an_unknown_routing_before_writing_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main(["demo", "--out", str(tmp_path / "d"), "--routing", "stardist"])
+    assert "invalid choice" in capsys.readouterr().err
+    from cellseg_lite import demo
+
+    with pytest.raises(CellSegError, match="routing"):
+        demo.run_demo(tmp_path / "d", routing="stardist")
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_routing_choices_are_the_tables_and_validated():
+    assert set(cli.ROUTING_CHOICES) == set(infer.ROUTINGS) | {"validated"}
 
 
 def test_predict_skips_a_corrupt_file_and_writes_the_others(demo_run, tmp_path, capsys):
