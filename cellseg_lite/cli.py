@@ -102,7 +102,24 @@ def _image_files(inputs: list[Path]) -> list[Path]:
             files.append(item)
         else:
             raise CellSegError(f"'{item}': no such file or folder")
-    return files
+    # a file named twice (its folder and itself) is segmented once
+    return list({p.resolve(): p for p in files}.values())
+
+
+def _stem_clashes(files: list[Path]) -> dict[Path, list[Path]]:
+    """The files whose labels would land in the same ``<stem>_label.tiff`` as another's
+    (``a.png`` and ``a.tif``, or ``a.png`` in two folders): ``{file: the others}``."""
+    from cellseg_lite import io
+
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(io.image_stem(path), []).append(path)
+    return {
+        path: [other for other in group if other != path]
+        for group in by_stem.values()
+        if len(group) > 1
+        for path in group
+    }
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -125,7 +142,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         segmenter.whole_image_side = args.whole_image_side or None
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
+    clashes = _stem_clashes(files)
     for path in files:
+        if path in clashes:  # which one the user wants is not ours to guess: neither overwrites
+            failed.append(path)
+            others = ", ".join(map(str, clashes[path]))
+            print(
+                f"cellseg-lite predict: skipped {path}: its labels would be written to the same "
+                f"file as those of {others} ({io.image_stem(path)}_label.tiff); rename one or "
+                "segment them into separate --out folders",
+                file=sys.stderr,
+            )
+            continue
         try:
             labels = segmenter.segment(io.read_image(path))
             target = args.out / f"{io.image_stem(path)}_label.tiff"

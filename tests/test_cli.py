@@ -70,3 +70,22 @@ def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+def test_predict_inputs_name_each_file_once_and_find_the_stems_that_clash(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    image = synthetic.make_image(0, (64, 64), seed=0)[0]
+    for name in ("a/x.png", "a/x.tif", "a/y.png", "b/y.png", "b/z.png"):
+        io.write_image(tmp_path / name, image)
+    # b/z.png named twice, by its folder and by itself: once
+    files = cli._image_files([tmp_path / "a", tmp_path / "b", tmp_path / "b" / "z.png"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in files) == [
+        "a/x.png", "a/x.tif", "a/y.png", "b/y.png", "b/z.png"
+    ]  # fmt: skip
+    clashes = cli._stem_clashes(files)
+    assert {p.name: [o.relative_to(tmp_path).as_posix() for o in others]
+            for p, others in clashes.items() if p.parent.name == "a"} == {
+        "x.png": ["a/x.tif"], "x.tif": ["a/x.png"], "y.png": ["b/y.png"]
+    }  # fmt: skip
+    assert tmp_path / "b" / "z.png" not in clashes

@@ -68,6 +68,24 @@ def test_predict_skips_a_corrupt_file_and_writes_the_others(demo_run, tmp_path, 
     assert "2 of 3 images" in captured.out
 
 
+def test_predict_writes_no_file_over_another_input_s_labels(demo_run, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    image = synthetic.make_image(0, (64, 64), seed=0)[0]
+    for name in ("cells.png", "cells.tif", "other.png"):
+        io.write_image(images / name, image)
+    out = tmp_path / "pred"
+    code = cli.main(
+        ["predict", "--model", str(demo_run / "model.pt"), "--out", str(out), str(images)]
+    )
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert "cells.png" in captured.err and "cells.tif" in captured.err
+    assert "cells_label.tiff" in captured.err and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["other_label.tiff"]
+    assert "1 of 3 images" in captured.out
+
+
 @pytest.mark.parametrize("flag, tta", [("--tta", True), ("--no-tta", False)])
 def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
     image = synthetic.make_image(0, (64, 64), seed=7)[0]
