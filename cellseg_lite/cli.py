@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score predicted label images against ground truth with the challenge's F1 rule",
         description="Mean per-image F1 at IoU >= 0.5 with boundary cells removed (the NeurIPS 2022 "
         "Cell Segmentation Challenge rule). Files are matched by name: GT_DIR/<stem>_label.tiff and "
-        "PRED_DIR/<stem>_label.tiff; a missing prediction scores 0.",
+        "PRED_DIR/<stem>_label.tiff; a missing prediction scores 0, and a prediction with no "
+        "ground truth is listed and not scored.",
     )
     ev.add_argument("gt_dir", type=Path, metavar="GT_DIR")
     ev.add_argument("pred_dir", type=Path, metavar="PRED_DIR")

@@ -169,8 +169,10 @@ class ErrorKinds(NamedTuple):
 
 class FolderReport(NamedTuple):
     """A folder evaluation: per-image rows, their means (the challenge score is ``mean_f1``),
-    the stems whose prediction file was missing (scored as empty predictions), and, where
-    asked for, the errors of all images sorted by kind (:class:`ErrorKinds`, summed)."""
+    the stems whose prediction file was missing (scored as empty predictions), where asked
+    for, the errors of all images sorted by kind (:class:`ErrorKinds`, summed), and the stems of
+    prediction files with no ground truth (``unscored``: not part of the score; often a name
+    that does not match its image's)."""
 
     rows: tuple[ImageScore, ...]
     n_images: int
@@ -180,6 +182,7 @@ class FolderReport(NamedTuple):
     missing: tuple[str, ...]
     iou_threshold: float = 0.5
     kinds: ErrorKinds | None = None
+    unscored: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -197,6 +200,11 @@ class FolderReport(NamedTuple):
         if self.missing:
             lines.append(
                 f"{len(self.missing)} missing predictions, scored 0: " + ", ".join(self.missing)
+            )
+        if self.unscored:
+            lines.append(
+                f"{len(self.unscored)} predictions with no ground truth, not scored: "
+                + ", ".join(self.unscored)
             )
         if self.kinds is not None:
             k = self.kinds
@@ -672,7 +680,8 @@ def evaluate_folder(
 
     This is the challenge's evaluation of a submission: per-image F1 by
     :func:`match`, averaged over images. A missing prediction is scored as an
-    empty one (F1 0) and listed in ``missing``. With ``csv_path`` the per-image
+    empty one (F1 0) and listed in ``missing``; a prediction with no ground truth is
+    left out of the score and listed in ``unscored``. With ``csv_path`` the per-image
     rows are written there as CSV (atomically). With ``kinds`` the errors of every
     image are also sorted by :func:`error_kinds` and summed in ``FolderReport.kinds``.
     """
@@ -725,6 +734,7 @@ def evaluate_folder(
         missing=tuple(missing),
         iou_threshold=threshold,
         kinds=ErrorKinds(threshold, *kind_sums) if kinds else None,
+        unscored=tuple(stem for stem in predictions if stem not in truths),
     )
     if csv_path is not None:
         _write_csv(csv_path, rows)

@@ -476,6 +476,19 @@ def folders(tmp_path, rng):
     return gt_dir, pred_dir, pairs
 
 
+def test_evaluate_folder_lists_predictions_with_no_ground_truth_and_leaves_them_out(folders):
+    gt_dir, pred_dir, pairs = folders
+    before = metrics.evaluate_folder(gt_dir, pred_dir)
+    assert before.unscored == ()
+    _write(pred_dir / "cell_2_label.tiff", pairs["cell_00002"][1])  # a name that does not match
+    report = metrics.evaluate_folder(gt_dir, pred_dir)
+    assert report.unscored == ("cell_2",) and report.missing == ("cell_00002",)
+    assert report.rows == before.rows and report.mean_f1 == before.mean_f1
+    assert report.report().splitlines()[-1] == (
+        "1 predictions with no ground truth, not scored: cell_2"
+    )
+
+
 def test_evaluate_folder_with_missing_prediction_and_csv(folders, tmp_path):
     gt_dir, pred_dir, pairs = folders
     out = tmp_path / "report" / "scores.csv"
