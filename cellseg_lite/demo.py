@@ -62,11 +62,17 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
     return methods
 
 
-def reading(means: dict[str, float], routing: dict[int, str], streams: dict[str, str]) -> str:
+def reading(
+    means: dict[str, float],
+    routing: dict[int, str],
+    streams: dict[str, str],
+    routing_name: str = "paper",
+) -> str:
     """A paragraph that reads the demo's Table 4 from its own numbers.
 
     ``means``: mean challenge F1 of each method, the multi-stream segmenter last; ``routing``:
-    its ``{class: stream}`` table; ``streams``: ``{single-stream method: its stream}``. A few CPU
+    its ``{class: stream}`` table (named ``routing_name``); ``streams``: ``{single-stream
+    method: its stream}``. A few CPU
     minutes from random weights are not the paper's hours on GPUs from ImageNet weights, and the
     two streams do not learn at the same pace: when the routing sends classes to the stream that
     learned less, the multi-stream segmenter scores below the better single stream, and a student
@@ -87,8 +93,8 @@ def reading(means: dict[str, float], routing: dict[int, str], streams: dict[str,
         return (
             f"The multi-stream segmenter ({means[multi]:.3f}) scores below "
             f"{best.split(',')[0]} alone ({means[best]:.3f}), which serves every class as well: "
-            "its fine-tuned models and per-class thresholds, chosen on a single selection image "
-            "per class, did worse on the held-out images than the pre-trained model."
+            "its fine-tuned models and per-class thresholds, chosen on the few selection images "
+            "of each class, did worse on the held-out images than the pre-trained model."
         )
     weak = {s for c, s in routing.items() if c in others}
     weak_scores = ", ".join(
@@ -108,8 +114,12 @@ def reading(means: dict[str, float], routing: dict[int, str], streams: dict[str,
             if weak == {"stardist"}
             else ""
         )
-        + ". `--routing validated` lets the selection images choose each class's stream, and "
-        "`--minutes` gives the streams more time."
+        + (
+            ". `--routing validated` lets the selection images choose each class's stream, and "
+            if routing_name != "validated"
+            else ". "
+        )
+        + "`--minutes` gives the streams more time."
     )
 
 
@@ -252,7 +262,7 @@ def run_demo(
     streams = {
         name: next(iter(set(m.routing.values()))) for name, m in methods.items() if name != multi
     }
-    table4_reading = reading(means, dict(segmenter.routing), streams)
+    table4_reading = reading(means, dict(segmenter.routing), streams, routing)
     routes = ", ".join(f"class {c}: {s}" for c, s in sorted(segmenter.routing.items()))
     table5 = metrics.timing_table(scores[multi])
     stage_lines = "\n".join(

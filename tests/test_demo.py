@@ -23,6 +23,8 @@ def test_a_multi_stream_run_below_the_better_stream_names_the_classes_sent_elsew
     assert "classes 0, 2, 3 to the other stream (ConvNeXt-StarDist alone 0.020)" in text
     assert "StarDist's ray distances need more steps" in text
     assert "--routing validated" in text and "--minutes" in text
+    chosen = demo.reading({STAR: 0.02, HOVER: 0.66, MULTI: 0.13}, PAPER, STREAMS, "validated")
+    assert "--routing validated" not in chosen and "`--minutes` gives" in chosen
 
 
 def test_when_stardist_is_the_better_stream_the_reading_does_not_blame_stardist():
