@@ -62,23 +62,19 @@ def ablation_segmenters(segmenter, pretrained: dict) -> dict:
     return methods
 
 
-def reading(
-    means: dict[str, float],
-    routing: dict[int, str],
-    streams: dict[str, str],
-    routing_name: str = "paper",
-) -> str:
-    """A paragraph that reads the demo's Table 4 from its own numbers.
+def reading(methods: dict, means: dict[str, float]) -> str:
+    """A paragraph that reads a Table 4 of :func:`ablation_segmenters` from its own numbers.
 
-    ``means``: mean challenge F1 of each method, the multi-stream segmenter last; ``routing``:
-    its ``{class: stream}`` table (named ``routing_name``); ``streams``: ``{single-stream
-    method: its stream}``. A few CPU
-    minutes from random weights are not the paper's hours on GPUs from ImageNet weights, and the
-    two streams do not learn at the same pace: when the routing sends classes to the stream that
-    learned less, the multi-stream segmenter scores below the better single stream, and a student
-    should be told so rather than left to read the table as the method failing.
+    ``methods``: the single-stream segmenters and, last, the multi-stream one (whose
+    ``routing`` and ``routing_name`` it reads); ``means``: the mean challenge F1 of each. A few
+    CPU minutes from random weights are not the paper's hours on GPUs from ImageNet weights, and
+    the two streams do not learn at the same pace: when the routing sends classes to the stream
+    that learned less, the multi-stream segmenter scores below the better single stream, and a
+    student should be told so rather than left to read the table as the method failing.
     """
-    *singles, multi = means
+    *singles, multi = methods
+    routing, routing_name = dict(methods[multi].routing), methods[multi].routing_name
+    streams = {name: next(iter(set(methods[name].routing.values()))) for name in singles}
     if not singles:
         return ""
     best = max(singles, key=means.get)
@@ -115,11 +111,11 @@ def reading(
             else ""
         )
         + (
-            ". `--routing validated` lets the selection images choose each class's stream, and "
+            ". The `validated` routing (`--routing validated`) lets the selection images choose "
+            "each class's stream, and a longer budget (`--minutes`) gives the streams more time."
             if routing_name != "validated"
-            else ". "
+            else ". A longer budget (`--minutes`) gives the streams more time."
         )
-        + "`--minutes` gives the streams more time."
     )
 
 
@@ -259,10 +255,7 @@ def run_demo(
     router_accuracy = float(np.mean(np.array(routed) == np.array(categories)))
     table4 = metrics.class_table(scores)
     means = {name: float(np.mean([r.f1 for r in rows])) for name, rows in scores.items()}
-    streams = {
-        name: next(iter(set(m.routing.values()))) for name, m in methods.items() if name != multi
-    }
-    table4_reading = reading(means, dict(segmenter.routing), streams, routing)
+    table4_reading = reading(methods, means)
     routes = ", ".join(f"class {c}: {s}" for c, s in sorted(segmenter.routing.items()))
     table5 = metrics.timing_table(scores[multi])
     stage_lines = "\n".join(
