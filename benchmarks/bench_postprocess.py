@@ -29,6 +29,13 @@ markers only where the cell probability is at least one of ``train.HOVER_MARKER_
 eight symmetries of the square (the four flips of the tile and of its transpose,
 :func:`dihedral_averaged`): twice the forward passes.
 
+``--compare scales``: the whole grid on the four flips' maps at the image's own scale, and on
+those maps averaged with the maps of the image enlarged :data:`SCALE` times (four flips too),
+resized back (:func:`scale_averaged`; HoVer's offsets are normalised to each cell's extent, so
+the two scales' maps mean the same): 3.25 times the forward passes. The segmenter's second pass
+for small cells (``infer.UPSCALE``) picks one scale or the other by a rule; this averages both on
+every image.
+
 Both settings then score the real-mini VAL split and the held-out synthetic set. The weights are
 the same in both rows, so the difference is the post-processing alone. Classes routed to
 StarDist keep their stored thresholds and maps. Beside each real-mini score: the share of the
@@ -42,6 +49,8 @@ true cells merged with a neighbour (:func:`cellseg_lite.metrics.error_kinds`).
     .venv/bin/python benchmarks/bench_postprocess.py --compare confident --routing hover \
         --work runs/a runs/b --seed 0 1
     .venv/bin/python benchmarks/bench_postprocess.py --compare dihedral --routing hover \
+        --work runs/a runs/b --seed 0 1
+    .venv/bin/python benchmarks/bench_postprocess.py --compare scales --routing hover \
         --work runs/a runs/b --seed 0 1
     .venv/bin/python benchmarks/bench_postprocess.py --work runs/a runs/b   # several runs
 """
@@ -74,8 +83,11 @@ REPO = Path(__file__).resolve().parents[1]
 LOW_MARKER_THRESHOLDS = (0.1, 0.15)
 
 
-#: The maps each comparison predicts: plain, averaged over four flips, or over eight symmetries.
-MAPS = ("plain", "flip-averaged", "dihedral-averaged")
+#: The maps each comparison predicts: plain, averaged over four flips, over eight symmetries, or
+#: over four flips at two scales.
+MAPS = ("plain", "flip-averaged", "dihedral-averaged", "scale-averaged")
+#: The second scale of ``--compare scales``: the segmenter's own factor for small cells.
+SCALE = 1.5
 
 
 def dihedral_averaged(predict):
@@ -91,6 +103,24 @@ def dihedral_averaged(predict):
         return (flips(x) + turned) / 2
 
     return averaged
+
+
+def scale_averaged(own, predict_at, x: np.ndarray):
+    """HoVer maps ``own`` of network input ``x`` averaged with ``predict_at(x enlarged SCALE
+    times)`` resized back to ``x``'s size (bilinear): a :class:`~cellseg_lite.infer.HoverMaps`."""
+    from skimage.transform import resize
+
+    from cellseg_lite import infer
+
+    big = predict_at(infer._enlarge(x, SCALE))
+    shape = x.shape[:2]
+
+    def back(a):
+        return resize(a, shape, order=1, anti_aliasing=True, preserve_range=True)
+
+    fg = (own.foreground_prob + back(big.foreground_prob)) / 2
+    hv = (own.hv + np.stack([back(c) for c in big.hv])) / 2
+    return infer.HoverMaps(fg.astype(np.float32), hv.astype(np.float32))
 
 
 def without_floor(grid: list[dict]) -> list[dict]:
@@ -129,6 +159,11 @@ def _two_grids(compare: str, grid: list[dict]) -> dict[str, tuple[list[dict], st
             "four flips": (grid, "flip-averaged"),
             "eight symmetries": (grid, "dihedral-averaged"),
         }
+    if compare == "scales":
+        return {
+            "own scale": (grid, "flip-averaged"),
+            f"own scale and x{SCALE:g}, averaged": (grid, "scale-averaged"),
+        }
     if compare == "marker":
         lowest = min(t["marker_threshold"] for t in grid)
         lower = [
@@ -160,12 +195,23 @@ def retune(work: Path, seed: int, real, compare: str):
     kinds = [kind for kind in MAPS if kind in {maps for _, maps, _ in ways.values()}]
     seconds = dict.fromkeys(kinds, 0.0)  # predicting HoVer maps of each kind
 
-    def hover_maps(image, model, kind):
+    def flip_maps(model, x):
+        tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
+        return infer.hover_maps(
+            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=True
+        )
+
+    def hover_maps(image, model, kind, own=None):
+        """``model``'s maps of ``image`` of one of :data:`MAPS`; ``own``: its flip-averaged maps,
+        where already predicted (the scale-averaged maps start from them)."""
         x = io.normalize_image(image, sparse_cells=segmenter.sparse_cells)
         x = x.astype(np.float32) / 255.0
         tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
         started = time.perf_counter()
-        if kind == "dihedral-averaged":
+        if kind == "scale-averaged":
+            own = flip_maps(model, x) if own is None else own
+            maps = scale_averaged(own, lambda big: flip_maps(model, big), x)
+        elif kind == "dihedral-averaged":
             predict = dihedral_averaged(infer.model_predictor(model.model, outputs="hover"))
             maps = infer.sliding_window(
                 predict, infer._network_input(x), tile, stride, batch_size=segmenter.batch_size
@@ -179,6 +225,14 @@ def retune(work: Path, seed: int, real, compare: str):
         seconds[kind] += time.perf_counter() - started
         return maps
 
+    def all_maps(image, model) -> dict:
+        """``{kind: maps}`` of every kind compared (:data:`MAPS` order: the flip-averaged maps
+        come before the scale-averaged ones, which reuse them)."""
+        out: dict = {}
+        for kind in kinds:
+            out[kind] = hover_maps(image, model, kind, own=out.get("flip-averaged"))
+        return out
+
     def prepared(pairs, routed: bool):
         """``(stem, class, labels, {kind: maps} or None, image)``; maps where the class goes to
         HoVer."""
@@ -188,7 +242,7 @@ def retune(work: Path, seed: int, real, compare: str):
             category = segmenter.route(image) if routed else category
             hover = segmenter.models[category].stream == "hover"
             model = segmenter.models[category]
-            maps = {kind: hover_maps(image, model, kind) for kind in kinds} if hover else None
+            maps = all_maps(image, model) if hover else None
             out.append((sample.stem, category, labels, maps, image))
         return out
 
@@ -205,7 +259,7 @@ def retune(work: Path, seed: int, real, compare: str):
         for stem, k, labels, maps, image in tuning:
             if segmenter.models[k].model is not model.model:  # another model's maps: predict once
                 if (stem, id(model.model)) not in other_maps:
-                    predicted = {kind: hover_maps(image, model, kind) for kind in kinds}
+                    predicted = all_maps(image, model)
                     other_maps[stem, id(model.model)] = predicted
                 maps = other_maps[stem, id(model.model)]
             items.append((stem, k, labels, maps, image))
@@ -262,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     add_run_options(parser, REPO / "runs" / "bench_quality", "model.pt and its synthetic data")
     parser.add_argument(
         "--compare",
-        choices=("floor", "tta", "marker", "confident", "dihedral"),
+        choices=("floor", "tta", "marker", "confident", "dihedral", "scales"),
         default="floor",
         help="floor: the grid without and with the tuned size floor; tta: plain against "
         "flip-averaged maps; marker: the grid without and with marker thresholds below 0.25; "
-        "confident: the grid without and with a least cell probability for markers; dihedral: maps averaged over four flips against eight symmetries",
+        "confident: the grid without and with a least cell probability for markers; dihedral: maps averaged over four flips against eight symmetries; scales: maps at the image's own scale against those averaged with the maps of the image enlarged 1.5 times",
     )
     parser.add_argument(
         "--routing",
@@ -355,6 +409,13 @@ kept where it scores higher; both on maps averaged over four flips (what the seg
 the segmenters use) and over all eight symmetries of the square (those four flips of the tile
 and of its transpose, whose maps are transposed back with the two offsets swapped:
 `dihedral_averaged` in the script), both over the whole `train._threshold_grid("hover")`"""
+    elif args.compare == "scales":
+        title = f"HoVer's maps averaged over two scales, the image's own and x{SCALE:g}"
+        how = f"""on maps averaged over four flips at the image's own scale (what the segmenters
+use in their first pass), and on those maps averaged with the maps (four flips too) of the image
+enlarged {SCALE:g} times, resized back (`scale_averaged` in the script), both over the whole
+`train._threshold_grid("hover")`; one pass each, without the segmenters' second pass for small
+cells or their mirrored context"""
     elif args.compare == "tta":
         title = "HoVer's maps averaged over four flips (test-time augmentation)"
         how = """on plain maps and on maps averaged over the four flips of every tile
