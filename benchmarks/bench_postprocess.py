@@ -195,10 +195,11 @@ def retune(work: Path, seed: int, real, compare: str):
     kinds = [kind for kind in MAPS if kind in {maps for _, maps, _ in ways.values()}]
     seconds = dict.fromkeys(kinds, 0.0)  # predicting HoVer maps of each kind
 
-    def flip_maps(model, x):
-        tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
+    def window_maps(model, x, tta: bool):
+        """``model``'s HoVer maps of network input ``x``, tiled as the segmenter tiles it."""
+        tile, stride = segmenter._tiling(x)
         return infer.hover_maps(
-            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=True
+            model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size, tta=tta
         )
 
     def hover_maps(image, model, kind, own=None):
@@ -209,8 +210,8 @@ def retune(work: Path, seed: int, real, compare: str):
         tile, stride = segmenter._tiling(x)  # as MultiStreamSegmenter.segment tiles
         started = time.perf_counter()
         if kind == "scale-averaged":
-            own = flip_maps(model, x) if own is None else own
-            maps = scale_averaged(own, lambda big: flip_maps(model, big), x)
+            own = window_maps(model, x, tta=True) if own is None else own
+            maps = scale_averaged(own, lambda big: window_maps(model, big, tta=True), x)
         elif kind == "dihedral-averaged":
             predict = dihedral_averaged(infer.model_predictor(model.model, outputs="hover"))
             maps = infer.sliding_window(
@@ -218,10 +219,7 @@ def retune(work: Path, seed: int, real, compare: str):
             )
             maps = infer.HoverMaps(maps[0], maps[1:])
         else:
-            maps = infer.hover_maps(
-                model.model, x, tile=tile, stride=stride, batch_size=segmenter.batch_size,
-                tta=kind == "flip-averaged",
-            )  # fmt: skip
+            maps = window_maps(model, x, tta=kind == "flip-averaged")
         seconds[kind] += time.perf_counter() - started
         return maps
 
@@ -426,6 +424,13 @@ an up-down flip), both over the whole `train._threshold_grid("hover")`"""
         how = """over probability and marker threshold only (the `"scaled"` preset's floors:
 markers 2 %, foreground components 1 % of the typical cell area), and over the whole
 `train._threshold_grid("hover")`, which also tries floors of 5/5 % and 10/10 %"""
+    reused = (
+        "\n(The scale-averaged time is the enlarged pass and the average alone: its own-scale maps "
+        "are the\nflip-averaged ones, predicted once and reused, so the method's whole cost is the "
+        "sum of the two.)"
+        if args.compare == "scales"
+        else ""
+    )
     flag = "" if args.compare == "floor" else f" --compare {args.compare}"
     if args.routing != "validated":
         flag += f" --routing {args.routing}"
@@ -456,7 +461,7 @@ Thresholds chosen per class:
 {chr(10).join(choice_lines)}
 
 Time to predict the HoVer maps of the selection and scored images (2 torch threads):
-{"; ".join(time_lines)}.
+{"; ".join(time_lines)}.{reused}
 
 - Command: `.venv/bin/python benchmarks/bench_postprocess.py{flag} --work {commands}`, each folder
   from `.venv/bin/python benchmarks/bench_quality.py --minutes 27 --routing {args.routing} --work FOLDER`
