@@ -194,6 +194,42 @@ def selection_images(work: Path, real: RealMini, seed: int) -> tuple[list, dict[
     return loaded, by_class
 
 
+def tuning_images(c: int, loaded: list, by_class: dict) -> tuple[str, list]:
+    """The selection images a ``bench_quality.py`` run tuned class ``c``'s thresholds on, and
+    what they are: the class's own where it has ``train.MIN_SELECTION_IMAGES`` or more, else all
+    of them (:func:`selection_images` gives ``loaded`` and ``by_class``)."""
+    from cellseg_lite import train
+
+    if len(by_class[c]) >= train.MIN_SELECTION_IMAGES:
+        return "its own", by_class[c]
+    return "all", loaded
+
+
+def retuned(segmenter, loaded: list, by_class: dict, **options):
+    """A copy of ``segmenter`` whose models' thresholds are tuned again, each on the selection
+    images the run tuned it on (:func:`tuning_images`), with :func:`cellseg_lite.train.
+    best_thresholds`'s keyword ``options`` over the model's own (``train.map_options``); and, per
+    class, ``(thresholds, selection F1)``."""
+    import copy
+
+    from cellseg_lite import train
+
+    cache: dict = {}
+    models, chosen = {}, {}
+    for c, model in segmenter.models.items():
+        which, images = tuning_images(c, loaded, by_class)
+        key = (id(model.model), c if which == "its own" else which)
+        if key not in cache:
+            settings = {**train.map_options(model.config), **options}
+            cache[key] = train.best_thresholds(model.model, model.stream, images, **settings)
+        f1, thresholds = cache[key]
+        models[c] = model._replace(thresholds=thresholds)
+        chosen[c] = (thresholds, f1)
+    out = copy.copy(segmenter)
+    out.models = models
+    return out, chosen
+
+
 class SetScores(NamedTuple):
     """Mean challenge F1 of one segmenter on real-mini VAL (all, and per :data:`MODALITIES`) and
     on a held-out synthetic set (all, and per low-level class 0-3)."""

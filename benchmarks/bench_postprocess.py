@@ -31,10 +31,10 @@ eight symmetries of the square (the four flips of the tile and of its transpose,
 
 ``--compare scales``: the whole grid on the four flips' maps at the image's own scale, and on
 those maps averaged with the maps of the image enlarged :data:`SCALE` times (four flips too),
-resized back (:func:`scale_averaged`; HoVer's offsets are normalised to each cell's extent, so
-the two scales' maps mean the same): 3.25 times the forward passes. The segmenter's second pass
-for small cells (``infer.UPSCALE``) picks one scale or the other by a rule; this averages both on
-every image.
+resized back (:func:`cellseg_lite.infer.scale_averaged`; HoVer's offsets are normalised to each
+cell's extent, so the two scales' maps mean the same): 3.25 times the forward passes. The
+segmenter's second pass for small cells (``infer.UPSCALE``) picks one scale or the other by a
+rule; this averages both on every image.
 
 Both settings then score the real-mini VAL split and the held-out synthetic set. The weights are
 the same in both rows, so the difference is the post-processing alone. Classes routed to
@@ -103,24 +103,6 @@ def dihedral_averaged(predict):
         return (flips(x) + turned) / 2
 
     return averaged
-
-
-def scale_averaged(own, predict_at, x: np.ndarray):
-    """HoVer maps ``own`` of network input ``x`` averaged with ``predict_at(x enlarged SCALE
-    times)`` resized back to ``x``'s size (bilinear): a :class:`~cellseg_lite.infer.HoverMaps`."""
-    from skimage.transform import resize
-
-    from cellseg_lite import infer
-
-    big = predict_at(infer._enlarge(x, SCALE))
-    shape = x.shape[:2]
-
-    def back(a):
-        return resize(a, shape, order=1, anti_aliasing=True, preserve_range=True)
-
-    fg = (own.foreground_prob + back(big.foreground_prob)) / 2
-    hv = (own.hv + np.stack([back(c) for c in big.hv])) / 2
-    return infer.HoverMaps(fg.astype(np.float32), hv.astype(np.float32))
 
 
 def without_floor(grid: list[dict]) -> list[dict]:
@@ -211,7 +193,13 @@ def retune(work: Path, seed: int, real, compare: str):
         started = time.perf_counter()
         if kind == "scale-averaged":
             own = window_maps(model, x, tta=True) if own is None else own
-            maps = scale_averaged(own, lambda big: window_maps(model, big, tta=True), x)
+
+            def maps_of(image):  # the own scale's maps are those already predicted
+                if image.shape == x.shape:
+                    return infer._stacked(own)
+                return infer._stacked(window_maps(model, image, tta=True))
+
+            maps = infer.split_hover_maps(infer.scale_averaged(maps_of, x, (1.0, SCALE), "hover"))
         elif kind == "dihedral-averaged":
             predict = dihedral_averaged(infer.model_predictor(model.model, outputs="hover"))
             maps = infer.sliding_window(
@@ -411,7 +399,7 @@ and of its transpose, whose maps are transposed back with the two offsets swappe
         title = f"HoVer's maps averaged over two scales, the image's own and x{SCALE:g}"
         how = f"""on maps averaged over four flips at the image's own scale (what the segmenters
 use in their first pass), and on those maps averaged with the maps (four flips too) of the image
-enlarged {SCALE:g} times, resized back (`scale_averaged` in the script), both over the whole
+enlarged {SCALE:g} times, resized back (`infer.scale_averaged`), both over the whole
 `train._threshold_grid("hover")`; one pass each, without the segmenters' second pass for small
 cells or their mirrored context"""
     elif args.compare == "tta":

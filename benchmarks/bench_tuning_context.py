@@ -17,7 +17,6 @@ networks, router and second pass for small cells in both rows: the tuning alone 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -34,48 +33,17 @@ from _results import (  # noqa: E402
     quality_run,
     real_mini,
     real_val_images,
+    retuned,
     run_seeds,
     selection_images,
     set_scores,
+    tuning_images,
     work_option,
     write_section,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "runs" / "bench_quality"
-
-
-def tuning_images(c: int, loaded: list, by_class: dict) -> tuple[str, list]:
-    """The selection images a run tuned class ``c``'s thresholds on, and what they are: the
-    class's own where it has ``train.MIN_SELECTION_IMAGES`` or more, else all of them."""
-    from cellseg_lite import train
-
-    if len(by_class[c]) >= train.MIN_SELECTION_IMAGES:
-        return "its own", by_class[c]
-    return "all", loaded
-
-
-def retuned(segmenter, loaded, by_class, context):
-    """A copy of ``segmenter`` whose models' thresholds are tuned again with ``context``, each on
-    the selection images the run tuned it on; and, per class, ``(thresholds, selection F1)``."""
-    from cellseg_lite import train
-
-    cache: dict = {}
-    models, chosen = {}, {}
-    for c, model in segmenter.models.items():
-        which, images = tuning_images(c, loaded, by_class)
-        key = (id(model.model), c if which == "its own" else which)
-        if key not in cache:
-            tta = train.uses_tta(model.config)
-            cache[key] = train.best_thresholds(
-                model.model, model.stream, images, tta=tta, context=context
-            )
-        f1, thresholds = cache[key]
-        models[c] = model._replace(thresholds=thresholds)
-        chosen[c] = (thresholds, f1)
-    out = copy.copy(segmenter)
-    out.models = models
-    return out, chosen
 
 
 def shown_thresholds(thresholds: dict) -> str:
@@ -127,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         totals, chosen = {}, {}
         for name, context in contexts.items():
             print(f"{shown}: tuning on the {name}", flush=True)
-            tuned, chosen[name] = retuned(segmenter, loaded, by_class, context)
+            tuned, chosen[name] = retuned(segmenter, loaded, by_class, context=context)
             scores = set_scores(tuned.segment, real_images, modalities, synthetic, classes)
             totals[name, "real"], totals[name, "synthetic"] = scores.real, scores.synthetic
             totals[name, "fluorescence"] = scores.modalities[0]

@@ -17,8 +17,8 @@ grid, reduced at once to its sparse NMS candidates, and only then are all candid
 and drawn together; the labels equal those of the full map.
 
 Contents, in reading order: tile positions and weights (:func:`tile_starts`,
-:func:`blend_window`), :func:`sliding_window`, the model helpers and test-time flips
-(:func:`flip_averaged`), the tiled StarDist post-processing (:func:`stardist_candidates_tiled`,
+:func:`blend_window`), :func:`sliding_window`, the model helpers and test-time flips and
+scales (:func:`flip_averaged`, :func:`scale_averaged`), the tiled StarDist post-processing (:func:`stardist_candidates_tiled`,
 :func:`stardist_instances_tiled`), and the method at inference, :class:`MultiStreamSegmenter`:
 route each image to its low-level class, then segment it with that class's stream.
 """
@@ -54,6 +54,7 @@ __all__ = [
     "TTA_MAPS",
     "WHOLE_IMAGE_SIDE",
     "HOVER_TUNED",
+    "MAP_SCALES",
     "HoverCoreMaps",
     "HoverMaps",
     "MultiStreamSegmenter",
@@ -67,7 +68,9 @@ __all__ = [
     "hover_settings",
     "hover_steps",
     "inscribed_diameter",
+    "map_scales_of",
     "mirror_pad",
+    "scale_averaged",
     "model_predictor",
     "sliding_window",
     "split_hover_maps",
@@ -138,6 +141,28 @@ def _check_fraction(value, name: str) -> float:
 
 
 # --------------------------------------------------------------------------- tiles
+
+
+def map_scales_of(scales, name: str = "map_scales") -> tuple[float, ...]:
+    """``scales`` checked as the scales of :func:`scale_averaged`: distinct numbers > 0, as a
+    tuple of floats in the order given.
+
+    >>> map_scales_of([1, 1.5])
+    (1.0, 1.5)
+    """
+    try:
+        values = tuple(scales)
+    except TypeError:
+        values = None
+    ok = bool(values) and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+        for v in values
+    )
+    if not ok or len(set(values)) != len(values):
+        raise CellSegError(
+            f"{name}: expected distinct numbers > 0, such as (1, 1.5), got {scales!r}"
+        )
+    return tuple(float(v) for v in values)
 
 
 def default_stride(tile: int) -> int:
@@ -523,6 +548,62 @@ def flip_averaged(predict: Callable, maps: str) -> Callable[[torch.Tensor], np.n
     return averaged
 
 
+def scale_averaged(
+    maps_of: Callable[[np.ndarray], np.ndarray], image: np.ndarray, scales, maps: str
+) -> np.ndarray:
+    """Test-time augmentation over scales: the mean of ``maps_of(image resized by s)`` over the
+    ``scales``, each resized back to ``image``'s height and width (bilinear, smoothed where it
+    shrinks), ``(K, H, W)`` float32.
+
+    ``maps_of`` takes a network input ``(h, w, C)`` and returns its maps ``(K, h, w)`` (for
+    example :func:`sliding_window` with a ``predict`` function). Resizing a map back is not
+    always resizing its values: ``maps`` says what the channels are. ``"hover"`` and
+    ``"scalar"``: probabilities, and HoVer's offsets, which are normalised to each cell's extent
+    and mean the same at any scale; ``"stardist"``: ``prob`` then distances in pixels, which are
+    divided by the scale. A network trained on a few minutes of data merges touching cells that
+    look small to it and cuts large ones; the average of two views meets in between
+    (``MAP_SCALES``).
+
+    >>> image = np.random.default_rng(0).random((40, 30, 3), dtype=np.float32)
+    >>> smooth = np.broadcast_to(np.linspace(0, 1, 30, dtype=np.float32), (40, 30))[..., None]
+    >>> out = scale_averaged(lambda x: x.transpose(2, 0, 1), smooth, (1, 1.5), "scalar")
+    >>> out.shape, bool(np.abs(out - smooth.transpose(2, 0, 1)).max() < 0.02)
+    ((1, 40, 30), True)
+    """
+    from skimage.transform import resize
+
+    scales = map_scales_of(scales, "scales")
+    _check_choice(maps, "maps", TTA_MAPS)
+    image = as_image(image, "image")
+    shape = image.shape[:2]
+    total = None
+    for scale in scales:
+        x = image if scale == 1.0 else _enlarge(image, scale)
+        out = np.asarray(maps_of(x), dtype=np.float32)
+        if out.ndim != 3 or out.shape[1:] != x.shape[:2]:
+            raise CellSegError(
+                f"maps_of: an input of {x.shape[0]} x {x.shape[1]} gave maps of shape "
+                f"{out.shape}; expected (K, {x.shape[0]}, {x.shape[1]})"
+            )
+        if scale != 1.0:
+            out = np.stack(
+                [
+                    resize(m, shape, order=1, anti_aliasing=scale > 1, preserve_range=True)
+                    for m in out
+                ]
+            ).astype(np.float32)
+            if maps == "stardist":
+                out[1:] /= scale  # distances in pixels of the resized image
+        total = out.astype(np.float32) if total is None else total + out
+    return total / len(scales)
+
+
+def _stacked(maps) -> np.ndarray:
+    """The channels of :class:`StarDistMaps`, :class:`HoverMaps` or :class:`HoverCoreMaps` as
+    one array ``(K, H, W)``, in :func:`sliding_window`'s order."""
+    return np.concatenate([m[None] if m.ndim == 2 else m for m in maps])
+
+
 class StarDistMaps(NamedTuple):
     """What :func:`stardist_maps` returns: ``prob (H, W)`` in [0, 1] and ``dist (R, H, W)``."""
 
@@ -903,6 +984,13 @@ UPSCALE = 1.5
 #: class 1 are long and irregular: narrow, not small, so a first pass reads them below
 #: :data:`MIN_DIAMETER` and the enlarged pass cuts them (``benchmarks/bench_upscale.py``).
 UPSCALE_CLASSES = (0, 3)
+#: The scales whose maps :class:`MultiStreamSegmenter` averages (:func:`scale_averaged`) for a
+#: model whose thresholds were tuned on such maps (their ``"map_scales"`` entry, from
+#: ``TrainConfig(map_scales=MAP_SCALES)``): the image's own and 1.5 times larger, one view in
+#: which the `lite` networks merge touching small cells less and one in which they cut large
+#: cells less, on every image instead of a second pass picked by a rule (:data:`UPSCALE`).
+#: ``benchmarks/bench_map_scales.py`` compares them on trained segmenters.
+MAP_SCALES = (1.0, 1.5)
 #: Pixels of mirrored context that :class:`MultiStreamSegmenter` adds around an image before
 #: segmenting it, cropped away after (the U-Net paper's overlap-tile strategy at the image
 #: border): a cell that the frame cuts then looks whole to the network instead of ending in a
@@ -1071,11 +1159,16 @@ class MultiStreamSegmenter:
     thresholds are tuned on maps made the same way, :func:`cellseg_lite.train.predict_maps`). ``tta``:
     average the maps over the four flips of each tile (:func:`flip_averaged`); ``None`` (the
     default) does what each model's thresholds were tuned with (their ``"tta"`` entry), since
-    flip-averaged maps are smoother and want their own thresholds. ``min_diameter``/``upscale``:
+    flip-averaged maps are smoother and want their own thresholds. ``map_scales``: average the
+    maps of the image at these scales (:func:`scale_averaged`, such as :data:`MAP_SCALES`);
+    ``None`` (the default) does what each model's thresholds were tuned on (their
+    ``"map_scales"`` entry, else the image's own scale alone); a scale that would make an image
+    larger than :data:`TILED_PIXELS` is left out for that image. ``min_diameter``/``upscale``:
     an image of one of the ``upscale_classes`` (:data:`UPSCALE_CLASSES`) whose cells a first
     pass finds narrower than ``min_diameter`` pixels (:func:`inscribed_diameter`) is segmented
     again ``upscale`` times larger and its labels shrunk back (:data:`MIN_DIAMETER`; ``None``
-    turns this off); ``min_diameter`` holds for maps at stride 4 (the paper's decoder) and scales
+    turns this off; never for a model whose maps are averaged over scales, which already hold a
+    larger view); ``min_diameter`` holds for maps at stride 4 (the paper's decoder) and scales
     with each model's output stride (:data:`MIN_DIAMETER_STRIDE`: half for the stride-2 decoder;
     :meth:`upscale_below`). ``sparse_cells``: normalise images with
     :func:`cellseg_lite.io.normalize_image`'s mended rule for images whose cells cover under
@@ -1097,6 +1190,7 @@ class MultiStreamSegmenter:
         stride: int | None = None,
         batch_size: int = 4,
         tta: bool | None = None,
+        map_scales: Collection[float] | None = None,
         min_diameter: float | None = MIN_DIAMETER,
         upscale: float = UPSCALE,
         upscale_classes: Collection[int] = UPSCALE_CLASSES,
@@ -1136,6 +1230,7 @@ class MultiStreamSegmenter:
         if tta is not None and not isinstance(tta, bool | np.bool_):
             raise CellSegError(f"tta: expected True, False or None, got {tta!r}")
         self.tta = None if tta is None else bool(tta)
+        self.map_scales = None if map_scales is None else map_scales_of(map_scales)
         if min_diameter is not None and not (
             isinstance(min_diameter, numbers.Real)
             and not isinstance(min_diameter, bool)
@@ -1216,8 +1311,9 @@ class MultiStreamSegmenter:
         segmenter's ``sparse_cells`` is False (:func:`cellseg_lite.io.normalize_image`),
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
-        :func:`stardist_instances_tiled` in bounded memory. Images of cells narrower than
-        ``min_diameter`` are segmented a second time, ``upscale`` times larger, if their class
+        :func:`stardist_instances_tiled` in bounded memory. The maps are averaged over the
+        model's :meth:`map_scales_for`. Images of cells narrower than
+        ``min_diameter`` are segmented a second time (unless the maps hold several scales), ``upscale`` times larger, if their class
         is one of ``upscale_classes`` (see the class);
         ``scale`` instead makes one pass at that scale whatever the cells' size.
         """
@@ -1281,6 +1377,7 @@ class MultiStreamSegmenter:
         threshold = self.upscale_below(model)
         if (
             threshold is None
+            or len(self.map_scales_for(model)) > 1
             or category not in self.upscale_classes
             or labels.size * self.upscale**2 > TILED_PIXELS
         ):
@@ -1295,6 +1392,14 @@ class MultiStreamSegmenter:
             return None
         stride = getattr(getattr(model.model, "unet", None), "output_stride", MIN_DIAMETER_STRIDE)
         return self.min_diameter * stride / MIN_DIAMETER_STRIDE
+
+    def map_scales_for(self, model: StreamModel) -> tuple[float, ...]:
+        """The scales whose maps :meth:`segment` averages for ``model``: the segmenter's
+        ``map_scales``, else those its thresholds were tuned on (``(1.0,)``: one pass at the
+        image's own scale)."""
+        if self.map_scales is not None:
+            return self.map_scales
+        return map_scales_of(model.thresholds.get("map_scales", (1.0,)), "thresholds' map_scales")
 
     def _tiling(self, x: np.ndarray) -> tuple[int | None, int | None]:
         """``(tile, stride)`` of the sliding window for image ``x`` (both streams alike;
@@ -1340,17 +1445,29 @@ class MultiStreamSegmenter:
         return bool(model.thresholds.get("tta", False)) if self.tta is None else self.tta
 
     def _maps(self, model: StreamModel, x: np.ndarray, progress: bool):
-        """``model``'s maps of network input ``x`` through the segmenter's window and flips."""
-        tile, stride = self._tiling(x)
+        """``model``'s maps of network input ``x`` through the segmenter's window, flips and
+        scales (each scale's image with a window of its own)."""
         draw = stardist_maps if model.stream == "stardist" else hover_maps
-        return draw(
-            model.model,
-            x,
-            tile=tile,
-            stride=stride,
-            batch_size=self.batch_size,
-            tta=self._tta(model),
-            progress=progress,
+
+        def maps_of(image: np.ndarray):
+            tile, stride = self._tiling(image)
+            return draw(
+                model.model,
+                image,
+                tile=tile,
+                stride=stride,
+                batch_size=self.batch_size,
+                tta=self._tta(model),
+                progress=progress,
+            )
+
+        pixels = x.shape[0] * x.shape[1]
+        scales = [s for s in self.map_scales_for(model) if pixels * s * s <= TILED_PIXELS]
+        if scales in ([], [1.0]):
+            return maps_of(x)
+        out = scale_averaged(lambda image: _stacked(maps_of(image)), x, scales, model.stream)
+        return (
+            StarDistMaps(out[0], out[1:]) if model.stream == "stardist" else split_hover_maps(out)
         )
 
     # ----------------------------------------------------------------- one file
@@ -1380,6 +1497,7 @@ class MultiStreamSegmenter:
             "tile": self.tile,
             "stride": self.stride,
             "tta": self.tta,
+            "map_scales": None if self.map_scales is None else list(self.map_scales),
             "min_diameter": self.min_diameter,
             "upscale": self.upscale,
             "upscale_classes": list(self.upscale_classes),
@@ -1444,6 +1562,7 @@ class MultiStreamSegmenter:
             tile=checkpoint.get("tile", 512),
             stride=checkpoint.get("stride"),
             tta=checkpoint.get("tta"),
+            map_scales=checkpoint.get("map_scales"),
             min_diameter=checkpoint.get("min_diameter", MIN_DIAMETER),
             upscale=checkpoint.get("upscale", UPSCALE),
             upscale_classes=checkpoint.get("upscale_classes", UPSCALE_CLASSES),

@@ -64,6 +64,7 @@ __all__ = [
     "evaluate_stream",
     "fine_tune_config",
     "load_checkpoint",
+    "map_options",
     "predict_maps",
     "preset",
     "save_checkpoint",
@@ -122,8 +123,12 @@ class TrainConfig:
     ``num_workers``: DataLoader
     processes computing patches and targets. ``tta``: tune the post-processing on flip-averaged maps
     (:func:`cellseg_lite.infer.flip_averaged`), which the segmenter then predicts too (four
-    forward passes per tile); ``None`` means for HoVer only (:func:`uses_tta`). The periodic
-    validation that picks the best epoch uses plain maps either way.
+    forward passes per tile); ``None`` means for HoVer only (:func:`uses_tta`). ``map_scales``:
+    tune it on maps averaged over these scales of each image
+    (:func:`cellseg_lite.infer.scale_averaged`; ``infer.MAP_SCALES``, the image's own and 1.5
+    times larger, costs 3.25 times the forward passes), which the segmenter then averages too;
+    ``(1.0,)``, the paper, one pass at the image's own scale. The periodic validation that picks
+    the best epoch uses plain maps at the own scale either way.
     """
 
     stream: str = "stardist"
@@ -154,6 +159,7 @@ class TrainConfig:
     hover_cores: bool = False
     num_workers: int = 0
     tta: bool | None = None
+    map_scales: tuple[float, ...] = (1.0,)
     seed: int = 0
     preset: str = "custom"
 
@@ -170,6 +176,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["lr_milestones"] = list(self.lr_milestones)
+        data["map_scales"] = list(self.map_scales)
         return data
 
     @classmethod
@@ -177,8 +184,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             values = {k: v for k, v in dict(data).items() if k in known}
-            if "lr_milestones" in values:
-                values["lr_milestones"] = tuple(values["lr_milestones"])
+            for name in ("lr_milestones", "map_scales"):
+                if name in values:
+                    values[name] = tuple(values[name])
             return cls(**values)
         except (TypeError, ValueError) as err:
             raise CellSegError(f"{where(source)}: bad training settings ({err})") from err
@@ -207,6 +215,9 @@ def _check_config(c: TrainConfig) -> None:
         raise CellSegError(f"stream: expected one of {', '.join(STREAMS)}, got {c.stream!r}")
     if c.tta is not None and not isinstance(c.tta, bool):
         raise CellSegError(f"tta: expected True, False or None, got {c.tta!r}")
+    from cellseg_lite.infer import map_scales_of
+
+    object.__setattr__(c, "map_scales", map_scales_of(c.map_scales))  # a list becomes a tuple
     if c.patch_sampling not in PATCH_SAMPLINGS:
         raise CellSegError(
             f"patch_sampling: expected one of {', '.join(PATCH_SAMPLINGS)}, got {c.patch_sampling!r}"
@@ -317,6 +328,18 @@ def uses_tta(config: TrainConfig) -> bool:
     return (config.stream == "hover") if config.tta is None else bool(config.tta)
 
 
+#: The periodic validation's maps: one pass, no flips, at the image's own scale, whatever the
+#: thresholds were tuned on (a cheap ranking of epochs; the thresholds are tuned at the end).
+_PLAIN_MAPS = {"tta": False, "map_scales": (1.0,)}
+
+
+def map_options(config: TrainConfig) -> dict:
+    """How a stream's thresholds are tuned, and its images' maps made, as keyword arguments of
+    :func:`best_thresholds` and :func:`evaluate_stream`: ``tta`` (:func:`uses_tta`) and
+    ``map_scales`` (``config.map_scales``)."""
+    return {"tta": uses_tta(config), "map_scales": config.map_scales}
+
+
 def build_model(config: TrainConfig, *, pretrained: bool | None = None) -> nn.Module:
     """The network of a config: ``ConvNeXtStarDist`` or ``ConvNeXtHover``."""
     pretrained = config.pretrained if pretrained is None else pretrained
@@ -419,7 +442,13 @@ def _loss(config: TrainConfig, outputs, batch: dict) -> torch.Tensor:
 
 
 def predict_maps(
-    model: nn.Module, image: np.ndarray, *, device=None, tile: int = 512, tta: bool = False
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    device=None,
+    tile: int = 512,
+    tta: bool = False,
+    map_scales=(1.0,),
 ) -> np.ndarray:
     """The stream's output maps ``(K, H, W)`` float32 of one network input ``(H, W, 3)`` in [0, 1].
 
@@ -428,7 +457,9 @@ def predict_maps(
     with tiles of ``tile``), so that thresholds are tuned on the maps it will make: one forward
     pass up to :data:`cellseg_lite.infer.WHOLE_IMAGE_SIDE` pixels a side, else
     :func:`cellseg_lite.infer.sliding_window`. ``tta``: the mean of the maps of the image's four
-    flips (:func:`cellseg_lite.infer.flip_averaged`). The segmenter predicts an image with
+    flips (:func:`cellseg_lite.infer.flip_averaged`). ``map_scales``: the mean of the maps of the
+    image at these scales, each with its own window (:func:`cellseg_lite.infer.scale_averaged`).
+    The segmenter predicts an image with
     mirrored context around it (:func:`cellseg_lite.infer.mirror_pad`); :func:`evaluate_stream`
     adds it before calling this where asked to (its ``context``).
     """
@@ -437,11 +468,17 @@ def predict_maps(
 
     device = next(model.parameters()).device if device is None else torch.device(device)
     predict = infer.model_predictor(model, device=device)
+    kind = "hover" if isinstance(model, ConvNeXtHover) else "stardist"
     if tta:
-        kind = "hover" if isinstance(model, ConvNeXtHover) else "stardist"
         predict = infer.flip_averaged(predict, kind)
-    tiling = infer.window(image.shape, tile, whole_image_side=infer.WHOLE_IMAGE_SIDE)
-    return infer.sliding_window(predict, image, *tiling)
+
+    def maps_of(x: np.ndarray) -> np.ndarray:
+        tiling = infer.window(x.shape, tile, whole_image_side=infer.WHOLE_IMAGE_SIDE)
+        return infer.sliding_window(predict, x, *tiling)
+
+    if tuple(map_scales) == (1.0,):
+        return maps_of(image)
+    return infer.scale_averaged(maps_of, image, map_scales, kind)
 
 
 def segment_maps(stream: str, maps: np.ndarray, thresholds: dict) -> np.ndarray:
@@ -511,17 +548,26 @@ def _threshold_refinements(stream: str) -> list[dict]:
 
 
 def best_thresholds(
-    model: nn.Module, stream: str, val, *, tta: bool = False, context: int = 0
+    model: nn.Module,
+    stream: str,
+    val,
+    *,
+    tta: bool = False,
+    map_scales=(1.0,),
+    context: int = 0,
 ) -> tuple[float, dict]:
     """The post-processing thresholds best on ``val`` ``(stem, image [0, 1], labels)``, and their
     mean challenge F1: the stream's grid (probability threshold; for HoVer also the marker
     threshold and the size floors), then for HoVer the best candidate with markers only on
     confident pixels (:data:`HOVER_MARKER_PROBS`), kept where it scores higher. One prediction
-    per image (:func:`evaluate_stream`, which says what ``context`` does)."""
+    per image (:func:`evaluate_stream`, which says what ``tta``, ``map_scales`` and ``context``
+    do; :func:`map_options` gives a config's)."""
     cores = bool(getattr(model, "cores", False))
     grid = _threshold_grid(stream, cores=cores)
     refine = _threshold_refinements(stream)
-    return evaluate_stream(model, stream, val, grid, tta=tta, refine=refine, context=context)
+    return evaluate_stream(
+        model, stream, val, grid, tta=tta, map_scales=map_scales, refine=refine, context=context
+    )
 
 
 def _load_val(samples) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -542,6 +588,7 @@ def evaluate_stream(
     thresholds: dict | Sequence[dict] | None = None,
     *,
     tta: bool | None = None,
+    map_scales=None,
     refine: Sequence[dict] = (),
     context: int = 0,
 ) -> tuple[float, dict]:
@@ -553,7 +600,10 @@ def evaluate_stream(
     the best of these replaces it only where it scores higher. ``tta``:
     predict flip-averaged maps (:func:`predict_maps`); the thresholds returned then carry
     ``"tta": True``, which the segmenter follows. ``None``: what a single thresholds dict says
-    (its ``"tta"`` entry), else plain maps. ``context``: pixels of mirrored context around each
+    (its ``"tta"`` entry), else plain maps. ``map_scales``: predict maps averaged over these
+    scales of each image (:func:`predict_maps`); the thresholds returned then carry them as
+    ``"map_scales"`` (unless ``(1.0,)``), which the segmenter follows; ``None``: what a single
+    thresholds dict says, else ``(1.0,)``. ``context``: pixels of mirrored context around each
     image, cropped from its labels after post-processing, as
     :class:`~cellseg_lite.infer.MultiStreamSegmenter` does
     (``infer.MIRROR_CONTEXT``: exactly what the segmenter post-processes). 0, the default, tunes
@@ -565,7 +615,8 @@ def evaluate_stream(
     from cellseg_lite import infer, metrics
 
     def predicted(image: np.ndarray) -> np.ndarray:
-        return predict_maps(model, infer.mirror_pad(image, context), tta=tta)
+        padded = infer.mirror_pad(image, context)
+        return predict_maps(model, padded, tta=tta, map_scales=map_scales)
 
     def f1_of(labels: np.ndarray, maps: np.ndarray, setting: dict) -> float:
         return metrics.f1_score(
@@ -579,8 +630,12 @@ def evaluate_stream(
     )
     if tta is None:
         tta = isinstance(thresholds, dict) and bool(thresholds.get("tta", False))
+    if map_scales is None:
+        given = thresholds.get("map_scales", (1.0,)) if isinstance(thresholds, dict) else (1.0,)
+        map_scales = infer.map_scales_of(given, "thresholds' map_scales")
+    map_scales = infer.map_scales_of(map_scales)
     if not len(val):
-        return float("nan"), _chosen(candidates[0], tta)
+        return float("nan"), _chosen(candidates[0], tta, map_scales)
     was_training = model.training
     model.eval()
     kept_maps, kept_bytes = [], 0  # for the refinements, which need the best candidate first
@@ -607,7 +662,7 @@ def evaluate_stream(
     for setting, score in zip(refined, refined_scores.mean(axis=1), strict=True):
         if score > f1:  # a refinement replaces the grid's best only where it scores higher
             chosen, f1 = setting, float(score)
-    return f1, _chosen(chosen, tta)
+    return f1, _chosen(chosen, tta, map_scales)
 
 
 #: Memory that :func:`evaluate_stream` may spend on keeping predicted maps for its refinements
@@ -616,10 +671,12 @@ def evaluate_stream(
 _KEPT_MAPS_BYTES = 2**30
 
 
-def _chosen(thresholds: dict, tta: bool) -> dict:
-    chosen = {k: v for k, v in thresholds.items() if k != "tta"}
+def _chosen(thresholds: dict, tta: bool, map_scales: tuple[float, ...]) -> dict:
+    chosen = {k: v for k, v in thresholds.items() if k not in ("tta", "map_scales")}
     if tta:
         chosen["tta"] = True
+    if map_scales != (1.0,):
+        chosen["map_scales"] = list(map_scales)
     return chosen
 
 
@@ -1210,7 +1267,7 @@ def train_stream(
                 due = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
                 if val_images and is_main and due:
                     f1, _ = evaluate_stream(
-                        deployed(), config.stream, val_images, thresholds, tta=False
+                        deployed(), config.stream, val_images, thresholds, **_PLAIN_MAPS
                     )
                     history.val_f1.append((epoch + 1, f1))
                     if f1 > best_f1:
@@ -1233,7 +1290,9 @@ def train_stream(
     last_state, export = None, None  # export: the weights returned, if not the last raw ones
     if val_images and is_main:
         if best_state is None:  # no validation ran yet (a short budget): score the last weights
-            f1, _ = evaluate_stream(deployed(), config.stream, val_images, thresholds, tta=False)
+            f1, _ = evaluate_stream(
+                deployed(), config.stream, val_images, thresholds, **_PLAIN_MAPS
+            )
             history.val_f1.append((history.epochs, f1))
             best_f1, history.best_epoch, history.best_f1 = f1, history.epochs, f1
             best_state = _model_state(deployed())
@@ -1245,7 +1304,7 @@ def train_stream(
         model.load_state_dict(export)
         if val_images and is_main and tune_thresholds:
             history.best_f1, thresholds = best_thresholds(
-                model, config.stream, val_images, tta=uses_tta(config)
+                model, config.stream, val_images, **map_options(config)
             )
     history.thresholds = dict(thresholds)
     if last_state is not None:  # the resume state continues from the last weights, not the best
@@ -1576,7 +1635,7 @@ def train_multistream(
         class_images = {c: _load_val(val_by_class[c]) for c in range(4) if val_by_class[c]}
         for c, images in class_images.items():
             class_scores[c] = {
-                stream: best_thresholds(ckpt.model, stream, images, tta=uses_tta(ckpt.config))
+                stream: best_thresholds(ckpt.model, stream, images, **map_options(ckpt.config))
                 for stream, ckpt in pretrained.items()
             }
             # a tie (say 0 against 0 after a short probe) goes to the better stream overall
@@ -1621,7 +1680,7 @@ def train_multistream(
                     pretrained[stream].model,
                     stream,
                     class_images[c],
-                    tta=uses_tta(pretrained[stream].config),
+                    **map_options(pretrained[stream].config),
                 )
 
     # 3. fine-tuning per class, kept only where it helps that class
@@ -1637,7 +1696,7 @@ def train_multistream(
                 pretrained[stream].model,
                 stream,
                 _load_val(val_by_class[c]),
-                tta=uses_tta(pretrained[stream].config),
+                **map_options(pretrained[stream].config),
             )
         path = work_dir / f"{stream}_class{c}.pt"
         config = fine_tune_config(base, stream, c, len(class_samples), share("fine_tune"), seed)

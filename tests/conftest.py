@@ -54,3 +54,19 @@ def forget_weight_failures(monkeypatch):
     from cellseg_lite import _weights
 
     monkeypatch.setattr(_weights, "_FAILED", {})
+
+
+@pytest.fixture
+def scale_averaging(monkeypatch) -> list:
+    """Each call of ``infer.scale_averaged`` from here on, as ``(image shape, scales, maps)``."""
+    from cellseg_lite import infer
+
+    calls = []
+    original = infer.scale_averaged
+
+    def spy(maps_of, x, scales, maps):
+        calls.append((x.shape, scales, maps))
+        return original(maps_of, x, scales, maps)
+
+    monkeypatch.setattr(infer, "scale_averaged", spy)
+    return calls

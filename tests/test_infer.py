@@ -565,3 +565,54 @@ def test_tiled_settings_are_checked_before_predicting(kwargs, match):
 def test_tiled_needs_stardist_maps(predict, match):
     with pytest.raises(CellSegError, match=match):
         infer.stardist_instances_tiled(predict, _image((40, 40)), tile=32, stride=32)
+
+
+# --------------------------------------------------------------------------- test-time scales
+
+
+def _exact_maps_of(labels: np.ndarray, kind: str):
+    """A "network" of whole images that returns the exact targets of ``labels`` resized to the
+    image it is given: what a perfect model sees at any scale."""
+    from skimage.transform import resize
+
+    def maps_of(x: np.ndarray) -> np.ndarray:
+        sized = resize(labels, x.shape[:2], order=0, anti_aliasing=False, preserve_range=True)
+        sized = sized.astype(np.int32)
+        if kind == "stardist":
+            t = sd.targets(sized, n_rays=8)
+            return np.concatenate([t.prob[None], t.dist])
+        t = hover.targets(sized)
+        return np.concatenate([t.foreground[None], t.hv])
+
+    return maps_of
+
+
+def test_scale_averaged_maps_mean_the_same_as_the_own_scale_maps():
+    image, labels = synthetic.make_image(0, size=(96, 112), seed=3)
+    inside = labels > 0
+    star = _exact_maps_of(labels, "stardist")
+    own, averaged = star(image), infer.scale_averaged(star, image, (1, 1.5), "stardist")
+    assert averaged.shape == own.shape and averaged.dtype == np.float32
+    ratio = averaged[1:, inside].mean() / own[1:, inside].mean()
+    assert abs(ratio - 1) < 0.05  # distances of the enlarged image are divided by its scale
+    naive = infer.scale_averaged(star, image, (1, 1.5), "scalar")
+    assert naive[1:, inside].mean() / own[1:, inside].mean() > 1.2  # 1.25 without the division
+    hv = _exact_maps_of(labels, "hover")
+    own, averaged = hv(image), infer.scale_averaged(hv, image, (1.0, 1.5), "hover")
+    assert np.abs(averaged[1:, inside] - own[1:, inside]).mean() < 0.05  # offsets are scale-free
+    assert metrics.f1_score(labels, hover.instances(averaged[0], averaged[1:])) > 0.95
+    same = infer.scale_averaged(hv, image, (1,), "hover")
+    np.testing.assert_array_equal(same, own)
+
+
+def test_scale_averaged_checks_its_scales_and_the_maps_it_is_given():
+    image = _image((40, 30))
+    with pytest.raises(CellSegError, match="scales: expected distinct numbers > 0"):
+        infer.scale_averaged(lambda x: x.transpose(2, 0, 1), image, (1, 1), "scalar")
+    for bad in ((), (0,), (1, float("nan")), "1.5", (True,)):
+        with pytest.raises(CellSegError, match="expected distinct numbers > 0"):
+            infer.map_scales_of(bad)
+    with pytest.raises(CellSegError, match=r"maps_of: an input of 60 x 45 gave maps of shape"):
+        infer.scale_averaged(lambda x: np.zeros((1, 40, 30)), image, (1, 1.5), "scalar")
+    with pytest.raises(CellSegError, match="maps: expected one of"):
+        infer.scale_averaged(lambda x: x.transpose(2, 0, 1), image, (1, 1.5), "offsets")

@@ -111,6 +111,8 @@ def test_predict_can_turn_the_flips_on_and_off(demo_run, tmp_path, flag, tta):
         ("--whole-image-side", "whole_image_side", 0, None, infer.WHOLE_IMAGE_SIDE),
         ("--whole-image-side", "whole_image_side", 0, "0", None),
         ("--whole-image-side", "whole_image_side", 0, "64", 64),
+        ("--map-scales", "map_scales", 0, None, None),
+        ("--map-scales", "map_scales", 0, "1,1.5", (1.0, 1.5)),
     ],
 )
 def test_predict_sets_the_segmenters_pixel_options(
@@ -139,6 +141,18 @@ def test_predict_refuses_negative_pixels(demo_run, tmp_path, capsys, option):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "train"])
+def test_map_scales_must_be_distinct_positive_numbers(tmp_path, capsys, command):
+    for bad in ("1,1", "1,x", "0", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(
+                [command, "--model", "m.pt", "--out", str(tmp_path / "o"), "--map-scales", bad]
+            )
+        assert exit_info.value.code == cli.EXIT_USAGE
+        assert "expected distinct scales > 0 separated by commas" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_predict_reports_wrong_paths_and_models(demo_run, tmp_path, capsys):
     image = tmp_path / "a.png"
     io.write_image(image, synthetic.make_image(0, (64, 64), seed=0)[0])
@@ -164,9 +178,13 @@ def test_train_command_writes_a_segmenter(tmp_path, capsys, routing):
     code = cli.main(
         ["train", "--data", str(data), "--synthetic", "1", "--out", str(out), "--preset", "fast",
          "--routing", routing, "--quiet", "--work-dir", str(tmp_path / "work")]
+        + (["--map-scales", "1,1.5"] if routing == "hover" else [])
     )  # fmt: skip
     assert code == cli.EXIT_OK, capsys.readouterr().err
     segmenter = infer.MultiStreamSegmenter.load(out)
+    # --map-scales reaches the training settings (this run holds no selection images to tune on)
+    hover_config = train.load_checkpoint(tmp_path / "work" / "hover_all.pt").config
+    assert hover_config.map_scales == ((1.0, 1.5) if routing == "hover" else (1.0,))
     assert segmenter.routing_name == routing and segmenter.stream_for(3) == "hover"
     assert train.load_checkpoint(tmp_path / "work" / "hover_all.pt").categories == (0, 1, 2, 3)
     # the hover routing trains no StarDist network at all

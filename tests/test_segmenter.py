@@ -353,6 +353,57 @@ def test_flips_follow_what_the_thresholds_were_tuned_on(streams, monkeypatch, tm
         infer.MultiStreamSegmenter(router.Router(), {0: star, 1: hv, 2: star, 3: star}, tta="on")
 
 
+def test_map_scales_follow_what_the_thresholds_were_tuned_on(
+    streams, monkeypatch, tmp_path, scale_averaging
+):
+    averaged = scale_averaging
+    star, hv = streams
+    tuned = hv._replace(thresholds={"prob_thresh": 0.6, "tta": True, "map_scales": [1.0, 1.5]})
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), {0: star, 1: tuned, 2: star, 3: star}
+    )
+    assert segmenter.map_scales is None and segmenter.map_scales_for(tuned) == (1.0, 1.5)
+    assert segmenter.map_scales_for(star) == (1.0,)
+    image, _ = synthetic.make_image(1, size=(64, 64), seed=0)
+    labels = segmenter.segment(image, category=1)
+    assert averaged == [((96, 96, 3), [1.0, 1.5], "hover")]  # the image with its context
+    # the segmenter post-processes the maps that training tuned the thresholds on
+    x = infer.mirror_pad(io.normalize_image(image).astype(np.float32) / 255.0)
+    maps = train.predict_maps(hv.model, x, tta=True, map_scales=(1, 1.5))
+    expected = infer.crop_context(train.segment_maps("hover", maps, tuned.thresholds))
+    assert np.array_equal(labels, expected)
+    averaged.clear()
+    segmenter.segment(image, category=0)  # StarDist, tuned at its own scale
+    assert averaged == []
+    segmenter.map_scales = infer.map_scales_of((1, 2))  # the caller's choice wins
+    segmenter.segment(image, category=0)
+    assert averaged == [((96, 96, 3), [1.0, 2.0], "stardist")]
+    monkeypatch.setattr(infer, "TILED_PIXELS", 100 * 100)  # 2x the image would be a whole slide
+    segmenter.segment(image, category=0)
+    assert len(averaged) == 1
+    monkeypatch.setattr(infer, "TILED_PIXELS", 4096**2)
+    segmenter.save(tmp_path / "scales.pt")
+    loaded = infer.MultiStreamSegmenter.load(tmp_path / "scales.pt")
+    assert loaded.map_scales == (1.0, 2.0) and loaded.models[1].thresholds["map_scales"] == [1, 1.5]
+    with pytest.raises(CellSegError, match="map_scales: expected distinct numbers > 0"):
+        infer.MultiStreamSegmenter(
+            router.Router(), {0: star, 1: hv, 2: star, 3: star}, map_scales=[0]
+        )
+
+
+def test_maps_averaged_over_scales_need_no_second_pass_for_small_cells(streams, monkeypatch):
+    _, hv = streams
+    tuned = hv._replace(thresholds={"prob_thresh": 0.6, "map_scales": [1.0, 1.5]})
+    segmenter = infer.MultiStreamSegmenter(
+        router.Router(router.build_router().eval()), dict.fromkeys(range(4), tuned), routing="hover"
+    )
+    small = _discs((96, 96), 8, 16)
+    assert not segmenter._wants_upscale(small, 0, tuned)  # the average holds the larger view
+    assert segmenter._wants_upscale(small, 0, hv)
+    segmenter.map_scales = (1.0,)
+    assert segmenter._wants_upscale(small, 0, tuned)
+
+
 def test_a_tuned_size_floor_drops_specks_that_the_default_floor_keeps():
     from cellseg_lite.streams import hover
 

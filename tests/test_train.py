@@ -73,6 +73,8 @@ def test_default_preset_follows_fast_mode(monkeypatch):
         ({"lr_schedule": "onecycle"}, "lr_schedule: expected one of step, linear, cosine"),
         ({"ema_decay": 1.0}, r"ema_decay: expected a number in \(0, 1\)"),
         ({"tta": "yes"}, "tta: expected True, False or None"),
+        ({"map_scales": (1.0, 1.0)}, "map_scales: expected distinct numbers > 0"),
+        ({"map_scales": ()}, "map_scales: expected distinct numbers > 0"),
         ({"freeze_batchnorm": "yes"}, "freeze_batchnorm: expected True or False"),
         ({"patch_sampling": "area"}, "patch_sampling: expected one of image, size"),
         ({"stream": "hover", "contact_weight": -1.0}, "contact_weight: expected a non-negative"),
@@ -370,6 +372,33 @@ def test_hover_thresholds_are_tuned_on_flip_averaged_maps(tiny_data, tmp_path, m
         train_part, fast(stream="hover", epochs=1, tta=False), val=val, progress=False
     )
     assert "tta" not in history.thresholds and len(flips) == 2 * len(val)
+
+
+def test_thresholds_can_be_tuned_on_maps_averaged_over_scales(tiny_data, tmp_path, scale_averaging):
+    from cellseg_lite import datasets
+
+    config = fast(stream="hover", epochs=2, tta=False, map_scales=[1, 1.5])
+    assert config.map_scales == (1.0, 1.5) and fast().map_scales == (1.0,)
+    assert train.TrainConfig.from_dict(config.to_dict()).map_scales == (1.0, 1.5)
+    older = {k: v for k, v in config.to_dict().items() if k != "map_scales"}
+    assert train.TrainConfig.from_dict(older).map_scales == (1.0,)  # older checkpoints: one scale
+    assert train.map_options(config) == {"tta": False, "map_scales": (1.0, 1.5)}
+    calls = scale_averaging
+    samples = datasets.find_pairs(tiny_data)
+    train_part, val = samples[:4], samples[4:]
+    model, history = train.train_stream(
+        train_part, config, val=val, out=tmp_path / "h.pt", progress=False
+    )
+    assert history.thresholds["map_scales"] == [1.0, 1.5] and "tta" not in history.thresholds
+    # the final tuning, once per image; the two epochs' validations pick weights at one scale
+    assert [call[1:] for call in calls] == [((1.0, 1.5), "hover")] * len(val)
+    assert train.load_checkpoint(tmp_path / "h.pt").thresholds == history.thresholds
+    loaded = train._load_val(val)
+    f1, again = train.evaluate_stream(model, "hover", loaded, history.thresholds)  # follows them
+    assert f1 == pytest.approx(history.best_f1) and again == history.thresholds
+    assert len(calls) == 2 * len(val)
+    _, plain = train.evaluate_stream(model, "hover", loaded, [history.thresholds], map_scales=[1])
+    assert "map_scales" not in plain and len(calls) == 2 * len(val)
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tiny_data, tmp_path):
