@@ -18,9 +18,10 @@ and drawn together; the labels equal those of the full map.
 
 Contents, in reading order: tile positions and weights (:func:`tile_starts`,
 :func:`blend_window`), :func:`sliding_window`, the model helpers and test-time flips and
-scales (:func:`flip_averaged`, :func:`scale_averaged`), the tiled StarDist post-processing (:func:`stardist_candidates_tiled`,
-:func:`stardist_instances_tiled`), and the method at inference, :class:`MultiStreamSegmenter`:
-route each image to its low-level class, then segment it with that class's stream.
+scales (:func:`flip_averaged`, :func:`scale_averaged`), the tiled StarDist post-processing
+(:func:`stardist_candidates_tiled`, :func:`stardist_instances_tiled`), and the method at
+inference, :class:`MultiStreamSegmenter`: route each image to its low-level class, then segment
+it with that class's stream.
 """
 
 from __future__ import annotations
@@ -561,7 +562,7 @@ def scale_averaged(
     ``"scalar"``: probabilities, and HoVer's offsets, which are normalised to each cell's extent
     and mean the same at any scale; ``"stardist"``: ``prob`` then distances in pixels, which are
     divided by the scale. A network trained on a few minutes of data merges touching cells that
-    look small to it and cuts large ones; the average of two views meets in between
+    look small to it and cuts large ones; an average of two views may err less than either
     (``MAP_SCALES``).
 
     >>> image = np.random.default_rng(0).random((40, 30, 3), dtype=np.float32)
@@ -986,10 +987,11 @@ UPSCALE = 1.5
 UPSCALE_CLASSES = (0, 3)
 #: The scales whose maps :class:`MultiStreamSegmenter` averages (:func:`scale_averaged`) for a
 #: model whose thresholds were tuned on such maps (their ``"map_scales"`` entry, from
-#: ``TrainConfig(map_scales=MAP_SCALES)``): the image's own and 1.5 times larger, one view in
-#: which the `lite` networks merge touching small cells less and one in which they cut large
-#: cells less, on every image instead of a second pass picked by a rule (:data:`UPSCALE`).
-#: ``benchmarks/bench_map_scales.py`` compares them on trained segmenters.
+#: ``TrainConfig(map_scales=MAP_SCALES)``): the image's own and 1.5 times larger, on every image,
+#: in place of the second pass that a rule picks (:data:`UPSCALE`). Not the default: on two
+#: trained `lite` segmenters, same weights, it was level with the second pass (real-mini VAL
+#: -0.014 and +0.012), lost fluorescence F1 in both and merged more cells
+#: (``benchmarks/bench_map_scales.py``).
 MAP_SCALES = (1.0, 1.5)
 #: Pixels of mirrored context that :class:`MultiStreamSegmenter` adds around an image before
 #: segmenting it, cropped away after (the U-Net paper's overlap-tile strategy at the image
@@ -1312,9 +1314,9 @@ class MultiStreamSegmenter:
         routed (``category`` overrides the router) and segmented by that class's model with its
         tuned thresholds; whole-slide StarDist images go through
         :func:`stardist_instances_tiled` in bounded memory. The maps are averaged over the
-        model's :meth:`map_scales_for`. Images of cells narrower than
-        ``min_diameter`` are segmented a second time (unless the maps hold several scales), ``upscale`` times larger, if their class
-        is one of ``upscale_classes`` (see the class);
+        model's :meth:`map_scales_for`. Images of cells narrower than ``min_diameter`` are
+        segmented a second time (unless the maps hold several scales), ``upscale`` times larger,
+        if their class is one of ``upscale_classes`` (see the class);
         ``scale`` instead makes one pass at that scale whatever the cells' size.
         """
         model, category, x = self._prepare(image, category)

@@ -127,7 +127,9 @@ class TrainConfig:
     tune it on maps averaged over these scales of each image
     (:func:`cellseg_lite.infer.scale_averaged`; ``infer.MAP_SCALES``, the image's own and 1.5
     times larger, costs 3.25 times the forward passes), which the segmenter then averages too;
-    ``(1.0,)``, the paper, one pass at the image's own scale. The periodic validation that picks
+    ``(1.0,)``, the paper and the default, one pass at the image's own scale (on two trained
+    `lite` segmenters the average was level with the segmenter's second pass for small cells,
+    ``benchmarks/bench_map_scales.py``). The periodic validation that picks
     the best epoch uses plain maps at the own scale either way.
     """
 
