@@ -635,7 +635,8 @@ def evaluate_stream(
     if map_scales is None:
         given = thresholds.get("map_scales", (1.0,)) if isinstance(thresholds, dict) else (1.0,)
         map_scales = infer.map_scales_of(given, "thresholds' map_scales")
-    map_scales = infer.map_scales_of(map_scales)
+    else:
+        map_scales = infer.map_scales_of(map_scales)
     if not len(val):
         return float("nan"), _chosen(candidates[0], tta, map_scales)
     was_training = model.training
